@@ -1,0 +1,51 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The shared data folder next to the repo, when it exists (never copied into the repo).
+ifneq ($(wildcard ../shared/data),)
+export GOALRANK_DATA_DIR ?= $(abspath ../shared/data)
+endif
+export RAY_AUTH_MODE ?= disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TQDM_MININTERVAL ?= 5
+
+.PHONY: install run test test-slow bench-quick bench-full stack stack-down clean
+
+install: $(STAMP)
+
+# torch 2.13.0 first, from pip (its CPU wheel lies on this machine's disk), so nothing
+# pulls a CUDA build; then the exact lock with uv (fast), then the project itself.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	$(PY) -c "import torch, ray, prefect, mlflow; assert torch.__version__.startswith('2.13.0')"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/goalrank run --dataset ml-100k
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run_all --mode quick
+
+bench-full: $(STAMP)
+	$(PY) -m bench.run_all --mode full
+
+stack: $(STAMP)
+	infra/local-stack up
+
+stack-down:
+	infra/local-stack down
+
+clean:
+	rm -rf artifacts mlruns mlflow.db .goalrank

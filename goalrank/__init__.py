@@ -1,0 +1,1 @@
+"""The `goalrank` command line."""

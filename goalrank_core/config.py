@@ -1,0 +1,203 @@
+"""Typed configuration: one dataclass per concern, each field with a short help, checked in
+`__post_init__`. `GoalRankConfig.from_dict` rejects unknown keys with their dotted path, so a
+typo in a config file is an error, not a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
+
+from goalrank_core.errors import ConfigError
+
+
+def _help(text: str, default: Any, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config '{name}' {msg}")
+
+
+@dataclass
+class ProtocolConfig:
+    """How ratings become impression logs (docs/protocol.md)."""
+
+    slate_len: int = _help("L: items shown per request", 6)
+    n_candidates: int = _help("N: candidates per request (shown + retrieved)", 50)
+    history_len: int = _help("positives kept in a request's history", 50)
+    min_core: int = _help("k-core filter on users and items", 20)
+    positive_rating: float = _help("a rating >= this is a positive", 4.0)
+    retriever: str = _help("first-stage retriever: itemknn or mf", "itemknn")
+    max_users: int = _help("keep at most this many users (0 = all), chosen by seed", 0)
+    seed: int = _help("seed for sampling choices in the protocol", 0)
+
+    def __post_init__(self) -> None:
+        _check(self.slate_len >= 1, "protocol.slate_len", f"must be >= 1, got {self.slate_len}")
+        _check(
+            self.n_candidates >= self.slate_len,
+            "protocol.n_candidates",
+            f"must be >= slate_len ({self.slate_len}), got {self.n_candidates}",
+        )
+        _check(self.history_len >= 1, "protocol.history_len", f"must be >= 1, got {self.history_len}")
+        _check(self.min_core >= 0, "protocol.min_core", f"must be >= 0, got {self.min_core}")
+        _check(self.retriever in ("itemknn", "mf"), "protocol.retriever", f"must be itemknn or mf, got {self.retriever!r}")
+        _check(self.max_users >= 0, "protocol.max_users", f"must be >= 0, got {self.max_users}")
+
+
+@dataclass
+class GeneratorConfig:
+    """Size of the GoalRank generator (a Transformer pointer network)."""
+
+    d_model: int = _help("embedding and hidden width", 64)
+    n_layers: int = _help("Transformer encoder layers over the candidates", 2)
+    n_heads: int = _help("attention heads", 4)
+    dropout: float = _help("dropout in the encoder", 0.1)
+
+    def __post_init__(self) -> None:
+        _check(self.d_model >= 4, "generator.d_model", f"must be >= 4, got {self.d_model}")
+        _check(self.n_layers >= 1, "generator.n_layers", f"must be >= 1, got {self.n_layers}")
+        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "generator.n_heads",
+               f"must divide d_model ({self.d_model}), got {self.n_heads}")
+        _check(0.0 <= self.dropout < 1.0, "generator.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class RewardConfig:
+    """Size of the list-aware reward model."""
+
+    d_model: int = _help("embedding and hidden width", 64)
+    n_layers: int = _help("Transformer layers over the list", 2)
+    n_heads: int = _help("attention heads", 4)
+    dropout: float = _help("dropout", 0.1)
+
+    def __post_init__(self) -> None:
+        _check(self.d_model >= 4, "reward.d_model", f"must be >= 4, got {self.d_model}")
+        _check(self.n_layers >= 1, "reward.n_layers", f"must be >= 1, got {self.n_layers}")
+        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "reward.n_heads",
+               f"must divide d_model ({self.d_model}), got {self.n_heads}")
+        _check(0.0 <= self.dropout < 1.0, "reward.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class GroupConfig:
+    """The group B of lists per request and the reference policy pi_ref."""
+
+    size: int = _help("|B|: lists per request after deduplication", 20)
+    generator_samples: int = _help("lists sampled from the current generator per request", 8)
+    tau: float = _help("softmax temperature of pi_ref", 1.0)
+    eps: float = _help("added to the group std before dividing", 1e-6)
+    rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round)", 2)
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 1, "group.size", f"must be >= 1, got {self.size}")
+        _check(self.generator_samples >= 0, "group.generator_samples", f"must be >= 0, got {self.generator_samples}")
+        _check(self.tau > 0, "group.tau", f"must be > 0, got {self.tau}")
+        _check(self.eps > 0, "group.eps", f"must be > 0, got {self.eps}")
+        _check(self.rounds >= 1, "group.rounds", f"must be >= 1, got {self.rounds}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every trained model."""
+
+    epochs: int = _help("epochs of generator training per round", 3)
+    reward_epochs: int = _help("epochs of reward-model training", 4)
+    aux_epochs: int = _help("epochs of the neural auxiliary policies", 3)
+    batch_size: int = _help("requests per batch (per worker under DDP)", 256)
+    lr: float = _help("AdamW learning rate", 2e-3)
+    weight_decay: float = _help("AdamW weight decay", 1e-4)
+    supervised_weight: float = _help("weight of the supervised term on logged positives", 0.0)
+    seed: int = _help("seed for weights, sampling and shuffling", 0)
+    num_workers: int = _help("Ray Train DDP workers", 2)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "reward_epochs", "aux_epochs", "batch_size", "num_workers"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"train.{name}", f"must be an integer >= 1, got {v!r}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.supervised_weight >= 0, "train.supervised_weight", f"must be >= 0, got {self.supervised_weight}")
+
+
+@dataclass
+class GoalRankConfig:
+    """Everything that changes what the pipeline computes (hashed into stage manifests)."""
+
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "GoalRankConfig":
+        return _build(cls, data or {}, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def override(self, dotted: dict[str, Any]) -> "GoalRankConfig":
+        """A copy with `{"group.size": 10, ...}` applied (unknown keys are errors)."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            parts = key.split(".")
+            node = data
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"unknown config key '{key}'")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config key '{key}'")
+            node[parts[-1]] = value
+        return GoalRankConfig.from_dict(data)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path or 'root'}' must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f" in '{path}'" if path else ""
+        raise ConfigError(f"unknown config key(s){where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value, typ, name = data[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name
+        if is_dataclass(typ):
+            kwargs[f.name] = _build(typ, value, name)
+        else:
+            kwargs[f.name] = _coerce(value, typ, name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config '{name}' must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config '{name}' must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config '{name}' must be a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"config '{name}' must be finite, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config '{name}' must be a string, got {value!r}")
+        return value
+    return value

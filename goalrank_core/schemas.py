@@ -1,0 +1,120 @@
+"""The Parquet contracts between pipeline stages: one pyarrow schema per hand-off.
+
+Writers call `conform(table, SCHEMA, what)` before writing and readers call it after reading,
+so two stages cannot drift apart. Lists of items are lists of raw item ids (int64) as they
+appear in the logs, never internal vocabulary indices.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from goalrank_core.errors import GoalRankInputError
+
+ITEM_LIST = pa.list_(pa.int64())
+
+# One row per logged request (the input contract).
+IMPRESSIONS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),  # unique per request
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("timestamp", pa.int64(), nullable=False),  # seconds since epoch
+        pa.field("history", ITEM_LIST, nullable=False),  # earlier positives, most recent last
+        pa.field("candidates", ITEM_LIST, nullable=False),  # (N,) first-stage output, contains shown
+        pa.field("shown", ITEM_LIST, nullable=False),  # (L,) displayed items, in display order
+        pa.field("labels", pa.list_(pa.float32()), nullable=False),  # (L,) feedback per shown position
+    ]
+)
+
+# Requests to rank: the impressions without feedback.
+REQUESTS = pa.schema([f for f in IMPRESSIONS if f.name not in ("shown", "labels")])
+
+# Optional item side table.
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("category", pa.int64(), nullable=False),
+    ]
+)
+
+# Ranked output of any policy: one list per request.
+RANKED = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("ranked", ITEM_LIST, nullable=False),  # (L,) distinct items inside candidates
+    ]
+)
+
+# generate_candidates -> score: the group B of lists proposed for one request.
+CANDIDATE_GROUPS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("lists", pa.list_(ITEM_LIST), nullable=False),  # (|B|, L) deduplicated lists
+        pa.field("policies", pa.list_(pa.string()), nullable=False),  # (|B|,) policy behind each list
+    ]
+)
+
+# score -> train_generator: the group with its rewards and reference policy.
+SCORED_GROUPS = pa.schema(
+    list(CANDIDATE_GROUPS)
+    + [
+        pa.field("rewards", pa.list_(pa.float32()), nullable=False),  # (|B|,) reward-model scores
+        pa.field("pi_ref", pa.list_(pa.float32()), nullable=False),  # (|B|,) softmax of normalised rewards
+    ]
+)
+
+# evaluate: one row per (policy, metric).
+METRICS = pa.schema(
+    [
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),  # e.g. "hr@6", "ndcg@6", "map@6"
+        pa.field("value", pa.float64(), nullable=False),  # mean over requests
+        pa.field("ci_low", pa.float64(), nullable=False),  # bootstrap 95% interval
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("n_requests", pa.int64(), nullable=False),
+    ]
+)
+
+
+class SchemaError(GoalRankInputError):
+    """A table does not match its stage contract."""
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """Check that `table` has every column of `schema` with a compatible type and return it
+    cast to exactly `schema` (column order, nullability). Extra columns are an error, so a
+    producer cannot silently add data a consumer ignores.
+
+    `what` names the file or stage in the error message.
+    """
+    names = set(table.column_names)
+    missing = [f.name for f in schema if f.name not in names]
+    if missing:
+        raise SchemaError(f"{what}: missing column(s) {missing}; expected {schema.names}")
+    extra = [n for n in table.column_names if n not in schema.names]
+    if extra:
+        raise SchemaError(f"{what}: unexpected column(s) {extra}; expected {schema.names}")
+    for field in schema:
+        actual = table.schema.field(field.name).type
+        if not _compatible(actual, field.type):
+            raise SchemaError(
+                f"{what}: column '{field.name}' has type {actual}, expected {field.type}"
+            )
+        if not field.nullable and table.column(field.name).null_count:
+            col = table.column(field.name)
+            first = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
+            raise SchemaError(f"{what}: column '{field.name}' has a null at row {first}")
+    return table.select(schema.names).cast(schema)
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Same type, or the same shape with only list flavour (list/large_list) or string
+    flavour (string/large_string) differing; numeric widths must match exactly."""
+    if actual == expected:
+        return True
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_list(expected):
+        if pa.types.is_list(actual) or pa.types.is_large_list(actual):
+            return _compatible(actual.value_type, expected.value_type)
+        return False
+    return False
