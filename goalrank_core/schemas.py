@@ -62,9 +62,10 @@ SCORED_GROUPS = pa.schema(
     ]
 )
 
-# evaluate: one row per (policy, metric).
+# evaluate: one row per (split, policy, metric).
 METRICS = pa.schema(
     [
+        pa.field("split", pa.string(), nullable=False),  # "valid" or "test"
         pa.field("policy", pa.string(), nullable=False),
         pa.field("metric", pa.string(), nullable=False),  # e.g. "hr@6", "ndcg@6", "map@6"
         pa.field("value", pa.float64(), nullable=False),  # mean over requests
