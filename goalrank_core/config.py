@@ -34,6 +34,8 @@ class ProtocolConfig:
     retriever: str = _help("first-stage retriever: itemknn or mf", "itemknn")
     max_users: int = _help("keep at most this many users (0 = all), chosen by seed", 0)
     seed: int = _help("seed for sampling choices in the protocol", 0)
+    implicit_positives: int = _help("implicit data (Amazon-Book): positives per slate; the rest are retriever-hard unclicked items", 3)
+    negative_pool: int = _help("implicit data: negatives are drawn from the retriever's top this-many unclicked items", 50)
 
     def __post_init__(self) -> None:
         _check(self.slate_len >= 1, "protocol.slate_len", f"must be >= 1, got {self.slate_len}")
@@ -46,6 +48,10 @@ class ProtocolConfig:
         _check(self.min_core >= 0, "protocol.min_core", f"must be >= 0, got {self.min_core}")
         _check(self.retriever in ("itemknn", "mf"), "protocol.retriever", f"must be itemknn or mf, got {self.retriever!r}")
         _check(self.max_users >= 0, "protocol.max_users", f"must be >= 0, got {self.max_users}")
+        _check(1 <= self.implicit_positives <= self.slate_len, "protocol.implicit_positives",
+               f"must be in [1, slate_len={self.slate_len}], got {self.implicit_positives}")
+        _check(self.negative_pool >= self.slate_len, "protocol.negative_pool",
+               f"must be >= slate_len ({self.slate_len}), got {self.negative_pool}")
 
 
 @dataclass
@@ -56,8 +62,12 @@ class GeneratorConfig:
     n_layers: int = _help("Transformer encoder layers over the candidates", 2)
     n_heads: int = _help("attention heads", 4)
     dropout: float = _help("dropout in the encoder", 0.1)
+    ff_mult: int = _help("feed-forward width as a multiple of d_model", 2)
+    decoder_layers: int = _help("causal Transformer layers over the items already chosen", 1)
 
     def __post_init__(self) -> None:
+        _check(self.ff_mult >= 1, "generator.ff_mult", f"must be >= 1, got {self.ff_mult}")
+        _check(self.decoder_layers >= 1, "generator.decoder_layers", f"must be >= 1, got {self.decoder_layers}")
         _check(self.d_model >= 4, "generator.d_model", f"must be >= 4, got {self.d_model}")
         _check(self.n_layers >= 1, "generator.n_layers", f"must be >= 1, got {self.n_layers}")
         _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "generator.n_heads",
@@ -73,8 +83,14 @@ class RewardConfig:
     n_layers: int = _help("Transformer layers over the list", 2)
     n_heads: int = _help("attention heads", 4)
     dropout: float = _help("dropout", 0.1)
+    ff_mult: int = _help("feed-forward width as a multiple of d_model", 2)
+    augment_lists: int = _help(
+        "extra training lists per request mixing shown items with unshown candidates (label 0), "
+        "so the model can score lists that were never logged", 1)
 
     def __post_init__(self) -> None:
+        _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
+        _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.d_model >= 4, "reward.d_model", f"must be >= 4, got {self.d_model}")
         _check(self.n_layers >= 1, "reward.n_layers", f"must be >= 1, got {self.n_layers}")
         _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "reward.n_heads",
@@ -124,6 +140,51 @@ class TrainConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """Auxiliary policies (the group's heuristic and light neural proposers) and the
+    point-wise DNN / PRM baselines (goalrank_core/policies.py, baselines.py)."""
+
+    auxiliary: str = _help("comma-separated policies proposing lists for the group and for G-E",
+                           "popularity,ctr,mmr,history,random,dnn,dnn-pl")
+    random_lists: int = _help("lists per request from the random policy", 2)
+    pl_lists: int = _help("Plackett-Luce lists per request sampled from the point-wise DNN", 4)
+    pl_temperature: float = _help("softmax temperature of the Plackett-Luce samples", 1.0)
+    ctr_prior: float = _help("pseudo-impressions at the global CTR added to every item's CTR", 10.0)
+    emb_dim: int = _help("width of the item embeddings factorised from training positives", 32)
+    mmr_lambda: float = _help("MMR trade-off: 1 = relevance only, 0 = diversity only", 0.7)
+    mmr_similarity: str = _help("MMR similarity: category, embedding or auto (category if any)", "auto")
+    mmr_relevance: str = _help("score policy giving MMR's relevance: popularity, ctr, history or dnn", "popularity")
+    dnn_dim: int = _help("embedding width of the point-wise DNN", 32)
+    dnn_hidden: int = _help("hidden width of the point-wise DNN's MLP", 64)
+    prm_d_model: int = _help("width of the PRM re-scorer", 32)
+    prm_layers: int = _help("Transformer layers of the PRM", 1)
+    prm_heads: int = _help("attention heads of the PRM", 2)
+    dropout: float = _help("dropout in the point-wise DNN and the PRM", 0.1)
+
+    def __post_init__(self) -> None:
+        names = self.auxiliary_names()
+        _check(len(names) >= 1 and all(n.replace("-", "").replace("_", "").isalnum() for n in names),
+               "policies.auxiliary", f"must be a comma-separated list of policy names, got {self.auxiliary!r}")
+        _check(len(set(names)) == len(names), "policies.auxiliary", f"names a policy twice: {self.auxiliary!r}")
+        for name in ("random_lists", "pl_lists", "emb_dim", "dnn_dim", "dnn_hidden", "prm_d_model", "prm_layers", "prm_heads"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"policies.{name}", f"must be an integer >= 1, got {v!r}")
+        _check(self.prm_d_model % self.prm_heads == 0, "policies.prm_heads",
+               f"must divide prm_d_model ({self.prm_d_model}), got {self.prm_heads}")
+        _check(self.pl_temperature > 0, "policies.pl_temperature", f"must be > 0, got {self.pl_temperature}")
+        _check(self.ctr_prior >= 0, "policies.ctr_prior", f"must be >= 0, got {self.ctr_prior}")
+        _check(0.0 <= self.mmr_lambda <= 1.0, "policies.mmr_lambda", f"must be in [0, 1], got {self.mmr_lambda}")
+        _check(self.mmr_similarity in ("auto", "category", "embedding"), "policies.mmr_similarity",
+               f"must be auto, category or embedding, got {self.mmr_similarity!r}")
+        _check(self.mmr_relevance in ("popularity", "ctr", "history", "dnn"), "policies.mmr_relevance",
+               f"must be popularity, ctr, history or dnn, got {self.mmr_relevance!r}")
+        _check(0.0 <= self.dropout < 1.0, "policies.dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def auxiliary_names(self) -> list[str]:
+        return [n.strip() for n in self.auxiliary.split(",") if n.strip()]
+
+
+@dataclass
 class GoalRankConfig:
     """Everything that changes what the pipeline computes (hashed into stage manifests)."""
 
@@ -132,6 +193,7 @@ class GoalRankConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    policies: PolicyConfig = field(default_factory=PolicyConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "GoalRankConfig":

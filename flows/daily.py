@@ -1,0 +1,460 @@
+"""The daily retraining flow `goalrank-daily`: one Prefect task per stage, URIs between them.
+
+prepare -> train_reward_model -> train_policies -> rounds x (generate_candidates -> score ->
+train_generator) -> evaluate -> track_and_register -> promote.
+
+Each stage task is a thin wrapper over the stage function in `tasks/stages.py` (looked up at
+call time), retried with exponential backoff only when the failure is transient (storage or
+network I/O, a lost Ray worker or connection); a validation error fails at once. The stages
+themselves skip work whose manifest matches, so a retry or a rerun of the same run id redoes
+only what did not complete, and the registry finds the run's version by tag instead of
+registering it twice.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.errors import ConfigError, GoalRankInputError
+
+FLOW_NAME = "goalrank-daily"
+GOALRANK_POLICY = "goalrank"  # policy name of the trained generator in the METRICS table
+RETRIES = 3
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Exception class names (anywhere in the MRO or the cause chain) that mean "try again later".
+_TRANSIENT_NAMES = {
+    # Ray: a worker, actor, node or the connection went away
+    "RaySystemError", "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+    "NodeDiedError", "ObjectLostError", "OwnerDiedError", "GetTimeoutError", "RayChannelTimeoutError",
+    "WorkerGroupError", "ControllerError",
+    # botocore / urllib3 / requests / httpx
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout", "RemoteDisconnected", "ProtocolError",
+}
+# OSErrors that are not going to fix themselves.
+_PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: I/O and connection errors, lost Ray workers. Never for
+    bad input or config (GoalRankInputError), missing files or programming errors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, GoalRankInputError):
+            return False
+        if isinstance(exc, OSError) and not isinstance(exc, _PERMANENT_OS):
+            return True  # includes ConnectionError, TimeoutError, pyarrow's I/O errors
+        if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_if_transient(task_obj, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only a transient failure."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - classifying, not handling
+        transient = is_transient(exc)
+        if not transient:
+            print(f"[{task_run.name}] not retried: {type(exc).__name__}: {exc}", flush=True)
+        return transient
+    return False
+
+
+def _stages():
+    return importlib.import_module("tasks.stages")
+
+
+def _storage():
+    return importlib.import_module("tasks.storage")
+
+
+# ---------------------------------------------------------------- stage tasks
+def _summary(stage: str, result: Any, wall_s: float) -> dict[str, Any]:
+    """Key numbers of a stage: rows per table, wall time, peak memory, last losses/metrics."""
+    manifest = dict(result.manifest or {})
+    mem = manifest.get("memory") or {}
+    peaks = [v for v in (mem.get("driver_peak_rss_mb"), mem.get("ray_workers_peak_rss_mb"),
+                         mem.get("train_workers_peak_rss_mb")) if v is not None]
+    tables = {k: v.get("rows") for k, v in (manifest.get("tables") or {}).items() if isinstance(v, dict)}
+    from flows.tracking import epoch_history
+
+    hist = epoch_history(manifest)
+    return {
+        "stage": stage,
+        "uri": result.uri,
+        "skipped": bool(result.skipped),
+        "wall_s": round(wall_s, 2),
+        "stage_wall_s": manifest.get("wall_s"),
+        "peak_mb": max(peaks) if peaks else None,
+        "driver_peak_mb": mem.get("driver_peak_rss_mb"),
+        "workers_peak_mb": max([v for v in (mem.get("ray_workers_peak_rss_mb"), mem.get("train_workers_peak_rss_mb"))
+                                if v is not None], default=None),
+        "rows": sum(r for r in tables.values() if isinstance(r, int)) if tables else None,
+        "tables": tables,
+        "last_epoch": hist[-1] if hist else None,
+        "manifest": manifest,
+    }
+
+
+def _artifact(label: str, run_id: str, s: dict[str, Any]) -> None:
+    lines = [f"### {label} · run `{run_id}`", "", "| | |", "|---|---|",
+             f"| output | `{s['uri']}` |", f"| skipped (complete earlier) | {s['skipped']} |",
+             f"| wall time (task) | {s['wall_s']:.1f} s |"]
+    if s["stage_wall_s"] is not None:
+        lines.append(f"| wall time (stage) | {s['stage_wall_s']:.1f} s |")
+    if s["driver_peak_mb"] is not None:
+        lines.append(f"| peak memory, driver | {s['driver_peak_mb']:.0f} MB |")
+    if s["workers_peak_mb"] is not None:
+        lines.append(f"| peak memory, Ray workers | {s['workers_peak_mb']:.0f} MB |")
+    for name, rows in s["tables"].items():
+        lines.append(f"| rows `{name}` | {rows} |")
+    for k, v in (s["last_epoch"] or {}).items():
+        if isinstance(v, (int, float)):
+            lines.append(f"| last epoch `{k}` | {v:.4g} |")
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{label}-{run_id}".lower()).strip("-")[:100]
+    create_markdown_artifact("\n".join(lines), key=key, description=f"{label} of run {run_id}")
+
+
+def _run_stage(label: str, run_id: str, fn_name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    t0 = time.time()
+    result = getattr(_stages(), fn_name)(*args, **kwargs)
+    s = _summary(label, result, time.time() - t0)
+    _artifact(label, run_id, s)
+    return s
+
+
+_TASK_OPTS = dict(
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,  # stages skip completed work themselves (manifests)
+    log_prints=True,
+)
+
+
+@task(name="prepare", task_run_name="prepare · {run_id}", **_TASK_OPTS)
+def prepare_task(run_id: str, source: dict, out: str, config: dict) -> dict:
+    stages = _stages()
+    return _run_stage("prepare", run_id, "prepare", stages.DataSource(**source), out, GoalRankConfig.from_dict(config))
+
+
+@task(name="train_reward_model", task_run_name="train_reward_model · {run_id}", **_TASK_OPTS)
+def train_reward_model_task(run_id: str, prepared: str, out: str, config: dict) -> dict:
+    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, out, GoalRankConfig.from_dict(config))
+
+
+@task(name="train_policies", task_run_name="train_policies · {run_id}", **_TASK_OPTS)
+def train_policies_task(run_id: str, prepared: str, out: str, config: dict) -> dict:
+    return _run_stage("train_policies", run_id, "train_policies", prepared, out, GoalRankConfig.from_dict(config))
+
+
+@task(name="generate_candidates", task_run_name="generate_candidates r{round} · {run_id}", **_TASK_OPTS)
+def generate_candidates_task(run_id: str, round: int, prepared: str, policies: str, generator: str | None,
+                             out: str, config: dict) -> dict:
+    return _run_stage(f"generate_candidates r{round}", run_id, "generate_candidates", prepared, policies,
+                      generator, out, GoalRankConfig.from_dict(config), round=round)
+
+
+@task(name="score", task_run_name="score r{round} · {run_id}", **_TASK_OPTS)
+def score_task(run_id: str, round: int, candidates: str, prepared: str, reward_model: str, out: str,
+               config: dict) -> dict:
+    return _run_stage(f"score r{round}", run_id, "score", candidates, prepared, reward_model, out,
+                      GoalRankConfig.from_dict(config))
+
+
+@task(name="train_generator", task_run_name="train_generator r{round} · {run_id}", **_TASK_OPTS)
+def train_generator_task(run_id: str, round: int, scored: str, prepared: str, init: str | None, out: str,
+                         config: dict) -> dict:
+    return _run_stage(f"train_generator r{round}", run_id, "train_generator", scored, prepared, init, out,
+                      GoalRankConfig.from_dict(config))
+
+
+@task(name="evaluate", task_run_name="evaluate · {run_id}", **_TASK_OPTS)
+def evaluate_task(run_id: str, prepared: str, reward_model: str, policies: str, generator: str, out: str,
+                  config: dict) -> dict:
+    return _run_stage("evaluate", run_id, "evaluate", prepared, reward_model, policies, generator, out,
+                      GoalRankConfig.from_dict(config))
+
+
+# ---------------------------------------------------------------- tracking and registry
+def read_metrics(evaluate_uri: str, manifest: dict) -> Any:
+    """The METRICS table written by the evaluate stage."""
+    from goalrank_core.schemas import METRICS
+
+    tables = list((manifest.get("tables") or {}).keys())
+    name = "metrics" if "metrics" in tables else next((t for t in tables if "metric" in t), tables[0] if tables else "")
+    return _storage().read_table(_storage().join(evaluate_uri, name), METRICS, f"evaluate metrics {evaluate_uri}")
+
+
+def data_version(prepare_manifest: dict) -> str:
+    """What identifies the prepared data (validation split included): the prepare stage's
+    inputs' fingerprints, its parameters and the protocol config, hashed. The generator or
+    training config does not change it, so models trained differently on the same data
+    compare directly."""
+    import hashlib
+    import json
+
+    key = {
+        "inputs": {k: (v or {}).get("fingerprint") for k, v in (prepare_manifest.get("inputs") or {}).items()},
+        "params": prepare_manifest.get("params"),
+        "protocol": (prepare_manifest.get("config") or {}).get("protocol"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def bundle_uri(summary: dict) -> str:
+    """The model bundle a training stage saved (`models` in its manifest, e.g. `{out}/model`)."""
+    models = summary["manifest"].get("models") or {}
+    name = "model" if "model" in models else next(iter(models), None)
+    return _storage().join(summary["uri"], name) if name else summary["uri"]
+
+
+def metric_values(metrics_table: Any, policy: str = GOALRANK_POLICY) -> dict[str, float]:
+    """{"valid.ndcg@6": ..., "test.hr@6": ...} of one policy."""
+    return {f"{r['split']}.{r['metric']}": float(r["value"])
+            for r in metrics_table.to_pylist() if r["policy"] == policy}
+
+
+def _request_example(prepared: str, manifest: dict, n: int = 3) -> Any:
+    """A few real requests (no feedback columns) for the pyfunc's input example."""
+    from flows.tracking import REQUEST_COLUMNS
+
+    tables = list((manifest.get("tables") or {}).keys())
+    name = next((t for t in ("test", "valid", "train") if t in tables), None)
+    if name is None:
+        name = next(t for t in tables if any(s in t for s in ("test", "valid", "train")))
+    table = _storage().read_table(_storage().join(prepared, name), None, f"prepared {name}", columns=REQUEST_COLUMNS)
+    return table.slice(0, n).to_pandas()
+
+
+@task(name="track_and_register", task_run_name="track_and_register · {run_id}", **_TASK_OPTS)
+def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], config: dict, params: dict,
+                            tracking_uri: str, experiment: str, model_name: str) -> dict:
+    """Log the run to MLflow and register its ranker (a `challenger`); promotion comes next."""
+    from mlflow import MlflowClient
+
+    from flows import registry, tracking
+
+    by_stage = {s["stage"]: s for s in summaries}
+    prep, ev = by_stage["prepare"], by_stage["evaluate"]
+    final_gen = [s for s in summaries if s["stage"].startswith("train_generator")][-1]
+    metrics = read_metrics(ev["uri"], ev["manifest"])
+    dv = data_version(prep["manifest"])
+    cfg = GoalRankConfig.from_dict(config)
+    values = metric_values(metrics)
+    if not values:
+        raise ValueError(f"evaluate wrote no rows for policy '{GOALRANK_POLICY}'; nothing to register")
+    with tracking.pipeline_run(tracking_uri, experiment, run_id, cfg.hash(),
+                               tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv}) as run:
+        tracking.log_params(config, params)
+        histories = {}
+        for s in summaries:
+            tracking.log_stage(s["stage"].replace(" ", "_"), s)
+            histories[s["stage"]] = tracking.epoch_history(s["manifest"])
+        tracking.log_evaluation(metrics)
+        tracking.log_plots(histories, metrics, metric=f"ndcg@{cfg.protocol.slate_len}")
+        client = MlflowClient(tracking_uri)
+        existing = registry.find_version(client, model_name, run_id, cfg.hash())
+        if existing is None:
+            source = tracking.log_ranker(bundle_uri(final_gen), _request_example(prep["uri"], prep["manifest"]))
+        else:
+            source = existing.source
+        mv, created = registry.register(
+            client, model_name, source, run.info.run_id, run_id, cfg.hash(), values,
+            tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
+                  "goalrank.storage_prefix": tracking.redact_uri(str(Path(prep["uri"]).parent))},
+        )
+        return {"mlflow_run_id": run.info.run_id, "version": str(mv.version), "created": created,
+                "data_version": dv, "metrics": metrics.to_pylist()}
+
+
+@task(name="promote", task_run_name="promote · {run_id}", **_TASK_OPTS)
+def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracking_uri: str, experiment: str,
+                 model_name: str, metric: str, margin: float) -> dict:
+    """Champion moves to the new version only if it is no worse (registry.decide); the
+    decision and both numbers are logged on the run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows import registry, tracking
+
+    client = MlflowClient(tracking_uri)
+    cfg = GoalRankConfig.from_dict(config)
+
+    def reevaluate(champ) -> float:
+        # The champion was evaluated on other validation data: evaluate its bundle here.
+        bundle = tracking.resolve_model_dir(f"models:/{model_name}/{champ.version}", tracking_uri)
+        dataset_dir = Path(uris["prepared"]).parent
+        out = _storage().join(str(dataset_dir), f"evaluate_champion_v{champ.version}")
+        res = getattr(_stages(), "evaluate")(uris["prepared"], uris["reward_model"], uris["policies"], bundle, out, cfg)
+        vals = metric_values(read_metrics(res.uri, res.manifest))
+        return vals[f"valid.{metric}"]
+
+    decision = registry.promote(client, model_name, registered["version"], metric=metric, margin=margin,
+                                reevaluate=reevaluate)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=registered["mlflow_run_id"]):
+        tracking.log_decision(decision.to_dict())
+    d = decision.to_dict()
+    md = "\n".join([f"### promotion · run `{run_id}`", "", "| | |", "|---|---|",
+                    *(f"| {k} | {v} |" for k, v in d.items())])
+    create_markdown_artifact(md, key=re.sub(r"[^a-z0-9-]+", "-", f"promote-{run_id}".lower())[:100])
+    return d
+
+
+# ---------------------------------------------------------------- the flow
+def flow_settings(**given: Any) -> dict[str, str]:
+    """Storage, tracking URI, experiment, model name and data dir: the flow's parameters
+    where given, else goalrank.settings (flags > env > config file > defaults)."""
+    from goalrank.settings import resolve_settings
+
+    st = resolve_settings(**{k: v for k, v in given.items() if v is not None})
+    return {k: getattr(st, k) for k in ("storage", "tracking_uri", "experiment", "model_name", "data_dir")}
+
+
+def _resolve(config: dict | None, overrides: dict | None) -> GoalRankConfig:
+    cfg = GoalRankConfig.from_dict(config or {})
+    return cfg.override(dict(overrides or {})) if overrides else cfg
+
+
+def dataset_name(dataset: str | None, impressions: str | None) -> str:
+    if dataset:
+        return dataset
+    if impressions:
+        stem = Path(impressions.rstrip("/")).name.split(".")[0]
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "impressions"
+    raise ConfigError("give a data set name (--dataset) or an impressions path (--impressions)")
+
+
+@flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
+def goalrank_daily(
+    dataset: str | None = None,
+    impressions: str | None = None,
+    items: str | None = None,
+    storage: str | None = None,
+    run_id: str | None = None,
+    run_date: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    model_name: str | None = None,
+    data_dir: str | None = None,
+    config: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    promotion_metric: str | None = None,
+    promotion_margin: float = 0.0,
+) -> dict[str, Any]:
+    """Retrain GoalRank on a data set (`dataset`, e.g. "ml-100k") or an impressions file, log
+    to MLflow, register the model and promote it if it is no worse than the champion.
+
+    storage: local folder or s3://bucket/prefix; run_id: the storage run folder (default the
+    run date, YYYY-MM-DD UTC, so a second run on the same day resumes/skips); config: a full
+    config mapping; overrides: dotted keys such as {"group.size": 10, "train.epochs": 2};
+    promotion_metric: validation metric (default ndcg@L); promotion_margin: the new model must
+    reach champion + margin.
+    """
+    t_flow = time.time()
+    if (dataset is None) == (impressions is None):
+        raise ConfigError("give exactly one of dataset or impressions")
+    s = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                      model_name=model_name, data_dir=data_dir)
+    cfg = _resolve(config, overrides)
+    run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run_id = run_id or run_date
+    if not _RUN_ID.match(run_id):
+        raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+    name = dataset_name(dataset, impressions)
+    metric = promotion_metric or f"ndcg@{cfg.protocol.slate_len}"
+    c = cfg.to_dict()
+    uri = lambda stage: _storage().stage_uri(s["storage"], name, run_id, stage)  # noqa: E731
+
+    source = {"dataset": dataset, "impressions": impressions, "items": items, "data_dir": s["data_dir"]}
+    prep = prepare_task(run_id, source, uri("prepare"), c)
+    rew = train_reward_model_task(run_id, prep["uri"], uri("reward_model"), c)
+    pol = train_policies_task(run_id, prep["uri"], uri("policies"), c)
+    summaries = [prep, rew, pol]
+    generator = None
+    for r in range(1, cfg.group.rounds + 1):
+        cand = generate_candidates_task(run_id, r, prep["uri"], pol["uri"], generator, uri(f"candidates_r{r}"), c)
+        sc = score_task(run_id, r, cand["uri"], prep["uri"], rew["uri"], uri(f"scored_r{r}"), c)
+        gen = train_generator_task(run_id, r, sc["uri"], prep["uri"], generator, uri(f"generator_r{r}"), c)
+        generator = gen["uri"]
+        summaries += [cand, sc, gen]
+    ev = evaluate_task(run_id, prep["uri"], rew["uri"], pol["uri"], generator, uri("evaluate"), c)
+    summaries.append(ev)
+
+    params = {"dataset": name, "impressions": impressions, "items": items, "storage": s["storage"],
+              "run_id": run_id, "run_date": run_date, "promotion.metric": metric,
+              "promotion.margin": promotion_margin}
+    reg = track_and_register_task(run_id, name, summaries, c, params, s["tracking_uri"], s["experiment"],
+                                  s["model_name"])
+    uris = {"prepared": prep["uri"], "reward_model": rew["uri"], "policies": pol["uri"]}
+    decision = promote_task(run_id, reg, uris, c, s["tracking_uri"], s["experiment"], s["model_name"],
+                            metric, promotion_margin)
+    summary = {
+        "run_id": run_id,
+        "dataset": name,
+        "model_name": s["model_name"],
+        "registered_version": reg["version"],
+        "newly_registered": reg["created"],
+        "mlflow_run_id": reg["mlflow_run_id"],
+        "data_version": reg["data_version"],
+        "decision": decision,
+        "metrics": reg["metrics"],
+        "stages": [{k: v for k, v in x.items() if k in ("stage", "uri", "skipped", "wall_s", "peak_mb", "driver_peak_mb", "workers_peak_mb", "rows")}
+                   for x in summaries],
+        "wall_s": round(time.time() - t_flow, 1),
+    }
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run report: metrics table, stage timings, registered version, decision."""
+    rows = summary["metrics"]
+    metrics = sorted({r["metric"] for r in rows})
+    out = [f"\n== GoalRank run {summary['run_id']} on {summary['dataset']} ({summary['wall_s']} s) =="]
+    for split in ("valid", "test"):
+        policies = sorted({r["policy"] for r in rows if r["split"] == split})
+        if not policies:
+            continue
+        val = {(r["policy"], r["metric"]): r["value"] for r in rows if r["split"] == split}
+        width = max(len(p) for p in policies + ["policy"])
+        out.append(f"\n{split} metrics")
+        out.append(f"{'policy':<{width}}  " + "  ".join(f"{m:>9}" for m in metrics))
+        for p in policies:
+            out.append(f"{p:<{width}}  " + "  ".join(f"{val.get((p, m), float('nan')):9.4f}" for m in metrics))
+    out.append("\nstages")
+    out.append(f"{'stage':<24} {'wall s':>8} {'driver MB':>10} {'workers MB':>10} {'rows':>9}  skipped")
+
+    def mb(x):
+        return "-" if x is None else f"{x:.0f}"
+    for s in summary["stages"]:
+        rows_ = str(s["rows"]) if s.get("rows") is not None else "-"
+        out.append(f"{s['stage']:<24} {s['wall_s']:>8.1f} {mb(s.get('driver_peak_mb')):>10} "
+                   f"{mb(s.get('workers_peak_mb')):>10} {rows_:>9}  {s['skipped']}")
+    out.append("(peak resident memory: driver process; summed Ray worker processes)")
+    d = summary["decision"]
+    new = "new" if summary["newly_registered"] else "existing (rerun)"
+    out.append(f"\nregistered: {summary['model_name']} version {summary['registered_version']} ({new})")
+
+    def num(x):
+        return "-" if x is None else f"{x:.4f}"
+    verdict = "PROMOTED to champion" if d["promoted"] else "not promoted"
+    out.append(f"decision: {verdict}: {d['metric']} challenger {num(d['challenger_value'])} vs champion "
+               f"{num(d['champion_value'])} (v{d['champion_version']}); {d['reason']}")
+    return "\n".join(out)

@@ -1,0 +1,172 @@
+"""`goalrank run | serve | promote`: the daily flow once, as a scheduled deployment, and the
+registry's promotion by hand.
+
+`run` needs no server: with no PREFECT_API_URL, Prefect starts a temporary local server whose
+database lives under the workspace (PREFECT_HOME), Ray starts locally, MLflow writes a
+SQLite store under the workspace and storage is a local folder (goalrank.settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CRON = "0 3 * * *"  # 03:00 UTC daily
+DEFAULT_DEPLOYMENT = "daily"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from goalrank.cli.common import add_data_source_args
+
+    p = sub.add_parser("run", help="run the daily retraining flow once (no server needed)",
+                       description="Run the goalrank-daily flow once: prepare, train, evaluate, register, promote.")
+    add_data_source_args(p)
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve the daily flow as a Prefect deployment with a cron schedule",
+                       description="Register a deployment of goalrank-daily with a daily cron schedule (UTC) and "
+                                   "serve it until interrupted. Point PREFECT_API_URL at a Prefect server so its UI "
+                                   "shows the deployment and can start runs with edited parameters.")
+    p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule, UTC (default {DEFAULT_CRON!r})")
+    p.add_argument("--name", default=DEFAULT_DEPLOYMENT, help=f"deployment name (default {DEFAULT_DEPLOYMENT!r})")
+    p.add_argument("--paused", action="store_true", help="register the schedule paused")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default=None, help="default data set of scheduled runs (default ml-100k)")
+    src.add_argument("--impressions", metavar="PATH", help="default impressions path of scheduled runs")
+    p.add_argument("--items", metavar="PATH", help="item table for --impressions")
+    p.add_argument("--data-dir", metavar="DIR", help="where data sets live")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("promote", help="promote a registered version to champion (exit 1 if not promoted)",
+                       description="Move the champion alias to a version (default: the challenger) if its "
+                                   "validation metric is no worse than the champion's, or unconditionally with --force.")
+    p.add_argument("--version", help="model version (default: the current challenger)")
+    p.add_argument("--force", action="store_true", help="promote without comparing (an unevaluated version never)")
+    p.add_argument("--metric", default=None, help="validation metric to compare (default ndcg@L)")
+    p.add_argument("--margin", type=float, default=0.0, help="promote if new >= champion + margin (default 0)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: settings)")
+    p.add_argument("--model-name", help="registered model name (default: settings)")
+    p.add_argument("--config", metavar="FILE", help="config file (for L in the default metric)")
+    p.set_defaults(func=cmd_promote)
+
+
+def _add_flow_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", metavar="URI", help="artifact storage: folder or s3://bucket/prefix (default: settings)")
+    p.add_argument("--run-id", help="storage run folder (default: the run date); a rerun resumes it")
+    p.add_argument("--run-date", help="run date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: SQLite under the workspace)")
+    p.add_argument("--experiment", help="MLflow experiment (default: settings)")
+    p.add_argument("--model-name", help="registered model name (default: settings)")
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON config file (GoalRankConfig)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set group.size=10 (repeatable)")
+    p.add_argument("--promotion-metric", help="validation metric deciding promotion (default ndcg@L)")
+    p.add_argument("--promotion-margin", type=float, default=0.0,
+                   help="new model must reach champion + margin (default 0: no worse)")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["group.size=10", "train.lr=1e-3"] -> {"group.size": 10, "train.lr": 0.001}."""
+    import yaml
+
+    from goalrank_core.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        value = yaml.safe_load(raw) if raw.strip() else raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def _use_local_prefect(workspace: Path) -> None:
+    """No Prefect server configured: keep the temporary server's database in the workspace."""
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        os.environ["PREFECT_HOME"] = str((workspace / "prefect").resolve())
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's parameters from the parsed flags (validated: a bad config fails here)."""
+    from goalrank.cli.common import load_config
+
+    overrides = parse_overrides(args.overrides)
+    load_config(args.config, overrides)  # raise ConfigError before anything starts
+    config = load_config(args.config).to_dict() if args.config else None
+    params = {
+        "dataset": args.dataset, "impressions": args.impressions, "items": args.items,
+        "data_dir": args.data_dir, "storage": args.storage, "run_id": args.run_id, "run_date": args.run_date,
+        "tracking_uri": args.tracking_uri, "experiment": args.experiment, "model_name": args.model_name,
+        "config": config, "overrides": overrides or None,
+        "promotion_metric": args.promotion_metric, "promotion_margin": args.promotion_margin,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _workspace() -> Path:
+    from goalrank.settings import resolve_settings
+
+    return Path(resolve_settings().workspace)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = flow_parameters(args)
+    _use_local_prefect(_workspace())
+    from flows.daily import goalrank_daily
+
+    summary = goalrank_daily(**params)
+    return 0 if summary.get("registered_version") else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.dataset is None and args.impressions is None:
+        args.dataset = "ml-100k"
+    params = flow_parameters(args)
+    _use_local_prefect(_workspace())
+    from prefect.flows import EntrypointType
+    from prefect.schedules import Cron
+
+    from flows.daily import goalrank_daily
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print("goalrank serve: no PREFECT_API_URL set; using a temporary local Prefect server "
+              "(start one with `prefect server start` and set PREFECT_API_URL to see it in the UI)", flush=True)
+    goalrank_daily.serve(
+        name=args.name,
+        schedules=[Cron(args.cron, timezone="UTC")],
+        paused=args.paused,
+        parameters=params,
+        description="GoalRank daily retraining: prepare, train, evaluate, register, promote.",
+        tags=["goalrank"],
+        # Runs import the flow by module path, so any working directory works.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from goalrank.cli.common import load_config
+    from goalrank.settings import resolve_settings
+
+    kw = {k: v for k, v in (("tracking_uri", args.tracking_uri), ("model_name", args.model_name)) if v}
+    st = resolve_settings(**kw)
+    metric = args.metric or f"ndcg@{load_config(args.config).protocol.slate_len}"
+    from mlflow import MlflowClient
+
+    from flows import registry
+
+    decision = registry.promote(MlflowClient(st.tracking_uri), st.model_name, args.version, metric=metric,
+                                margin=args.margin, force=args.force)
+    print(json.dumps(decision.to_dict(), indent=2))
+    return 0 if decision.promoted else 1

@@ -1,0 +1,181 @@
+"""The whole GoalRank fit, in one process (the reference the distributed stages mirror):
+
+1. reward model (BCE on logged lists + augmented lists);
+2. auxiliary policies: heuristic statistics, point-wise DNN, PRM, and the supervised
+   generator (list likelihood on logged positives);
+3. `config.group.rounds` rounds of: propose a group per training request (auxiliary lists
+   first, then generator samples; deduplicated to |B|), score it with the reward model,
+   pi_ref = softmax of normalised rewards, train the generator on the group-relative loss.
+
+The GoalRank generator starts from the supervised generator's weights (same architecture),
+so its first round of samples is already sensible.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from goalrank_core.batch import EncodedRequests, RequestBatch, Vocab, encode_requests
+from goalrank_core.bundle import Dims, ModelBundle
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.group import dedup_lists, reference_policy
+from goalrank_core.trainer import (Groups, Log, iterate_batches, set_seed, train_generator_group,
+                                   train_generator_supervised, train_reward_model)
+
+
+def build_bundle(train: pa.Table, config: GoalRankConfig, items: pa.Table | None = None) -> ModelBundle:
+    """An empty bundle with the vocabularies and dimensions of a training impressions table."""
+    cand = train.column("candidates").combine_chunks().flatten().to_numpy()
+    hist = train.column("history").combine_chunks().flatten().to_numpy()
+    item_vocab = Vocab.build(cand, hist)
+    user_vocab = Vocab.build(train.column("user_id").to_numpy())
+    item_category: dict[int, int] = {}
+    if items is not None and items.num_rows:
+        item_category = {int(i): int(c) for i, c in zip(items.column("item_id").to_pylist(), items.column("category").to_pylist())}
+    n_cat = max(item_category.values(), default=0) + 1
+    slate_len = max((len(s) for s in train.column("shown").to_pylist()), default=config.protocol.slate_len)
+    n_cand = max((len(c) for c in train.column("candidates").to_pylist()), default=config.protocol.n_candidates)
+    dims = Dims(len(item_vocab), len(user_vocab), n_cat, slate_len, n_cand)
+    return ModelBundle(config, item_vocab, user_vocab, item_category, dims)
+
+
+def encode(bundle: ModelBundle, table: pa.Table) -> EncodedRequests:
+    """A table (impressions or requests) encoded with the bundle's vocabularies and shapes."""
+    return encode_requests(table, bundle.item_vocab, bundle.user_vocab, bundle.config.protocol.history_len,
+                           n_candidates=max(bundle.dims.n_candidates, _max_len(table, "candidates")),
+                           slate_len=bundle.dims.slate_len, item_category=bundle.item_category or None)
+
+
+def _max_len(table: pa.Table, col: str) -> int:
+    return max((len(c) for c in table.column(col).to_pylist()), default=1)
+
+
+class GeneratorPolicy:
+    """A generator as a list policy: greedy (one list, repeated) or sampled lists."""
+
+    def __init__(self, model: nn.Module, name: str, sample: bool = False, lists_per_request: int = 1):
+        self.model, self.name, self.sample, self.lists_per_request = model, name, sample, lists_per_request
+
+    @torch.no_grad()
+    def propose(self, batch: RequestBatch, n_lists: int, gen: torch.Generator | None = None) -> torch.Tensor:
+        was = self.model.training
+        self.model.eval()
+        try:
+            if self.sample:
+                return self.model.sample(batch, n_lists, gen)
+            return self.model.greedy(batch)[:, None, :].expand(-1, n_lists, -1).contiguous()
+        finally:
+            self.model.train(was)
+
+
+@torch.no_grad()
+def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None, reward: nn.Module,
+                   config: GoalRankConfig, seed: int, batch_size: int = 512) -> tuple[Groups, list[str]]:
+    """Groups for every row of `data`: aux lists, then generator samples, deduplicated to
+    |B| and scored. -> (Groups, policy names indexed by Groups.policy_ids)."""
+    from goalrank_core.policies import propose_all
+
+    dev = next(reward.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    reward.eval()
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("lists", "mask", "pids", "rewards", "pi")}
+    names: list[str] = []
+    for idx in iterate_batches(len(data), batch_size, False):
+        b = data.batch(idx, dev)
+        lists, batch_names = propose_all(aux, b, gen) if aux else (b.shown.new_zeros(len(b), 0, b.shown.shape[1]), [])
+        if generator is not None and config.group.generator_samples > 0:
+            generator.eval()
+            samples = generator.sample(b, config.group.generator_samples, gen)
+            lists = torch.cat([lists, samples], dim=1)
+            batch_names = batch_names + ["goalrank"] * samples.shape[1]
+        if not names:
+            names = list(dict.fromkeys(batch_names))
+        pid = torch.tensor([names.index(n) for n in batch_names], device=dev).expand(len(b), -1)
+        lists, mask, pids = dedup_lists(lists, pid, config.group.size)
+        rewards = reward.score(b, lists.clamp(min=0))
+        pi = reference_policy(rewards, mask, config.group.tau, config.group.eps)
+        for k, v in (("lists", lists), ("mask", mask), ("pids", pids), ("rewards", rewards), ("pi", pi)):
+            out[k].append(v.cpu().numpy())
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    groups = Groups(lists=cat["lists"], pi_ref=cat["pi"].astype(np.float32), mask=cat["mask"],
+                    rewards=np.where(cat["mask"], cat["rewards"], 0).astype(np.float32), policy_ids=cat["pids"])
+    return groups, names
+
+
+def fit_policies(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, log: Log = print) -> None:
+    """Heuristic statistics, point-wise DNN, PRM and the supervised generator, into `bundle`."""
+    from goalrank_core.baselines import train_pointwise, train_prm
+    from goalrank_core.policies import fit_heuristics
+
+    cfg = bundle.config
+    stats = fit_heuristics(train, bundle.dims.n_items, cfg.policies, cfg.train.seed)
+    bundle.tensors.update({f"stats.{k}": v for k, v in stats.to_tensors().items()})
+    for name, trainer in (("pointwise", train_pointwise), ("prm", train_prm)):
+        set_seed(cfg.train.seed)
+        model = bundle.build(name)
+        trainer(train, valid, model, cfg.train, log)
+        bundle.add(name, name, model)
+    set_seed(cfg.train.seed)
+    sup = bundle.build("generator")
+    train_generator_supervised(train, valid, sup, cfg.train, log)
+    bundle.add("supervised", "generator", sup)
+
+
+def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: ModelBundle, log: Log = print,
+                 policies: list | None = None) -> ModelBundle:
+    """Train reward model, auxiliary policies (unless `bundle` already has them) and the
+    GoalRank generator into `bundle` (also returned). `policies` overrides the auxiliary
+    proposers (ListPolicy objects); default: the configured auxiliary policies plus the
+    supervised generator."""
+    from goalrank_core.ranking import policy_resources
+    from goalrank_core.policies import build_auxiliary
+
+    cfg = bundle.config
+    t0 = time.perf_counter()
+    if "reward" not in bundle.models:
+        set_seed(cfg.train.seed)
+        reward = bundle.build("reward")
+        log(f"reward model: {reward.num_parameters():,} parameters")
+        train_reward_model(train, valid, reward, cfg.train, log)
+        bundle.add("reward", "reward", reward)
+    reward = bundle.models["reward"]
+    if policies is None:
+        if "supervised" not in bundle.models:
+            fit_policies(bundle, train, valid, log)
+        res = policy_resources(bundle)
+        policies = build_auxiliary(res) + [res.extra["supervised"]]
+    log(f"auxiliary policies: {', '.join(p.name for p in policies)} ({time.perf_counter() - t0:.0f}s so far)")
+
+    set_seed(cfg.train.seed)
+    generator = bundle.build("generator")
+    if "supervised" in bundle.models:  # warm start from the supervised generator
+        generator.load_state_dict(bundle.models["supervised"].state_dict())
+    log(f"generator: {generator.num_parameters():,} parameters")
+    for rnd in range(1, cfg.group.rounds + 1):
+        groups, names = propose_groups(train, policies, generator, reward, cfg, seed=cfg.train.seed + rnd)
+        size = groups.mask.sum(1).mean()
+        share = {n: float((groups.policy_ids == i).sum() / groups.mask.sum()) for i, n in enumerate(names)}
+        top = np.take_along_axis(groups.policy_ids, groups.pi_ref.argmax(1)[:, None], 1)[:, 0]
+        best = {n: float((top == i).mean()) for i, n in enumerate(names)}
+        log(f"round {rnd}: mean group size {size:.1f}; lists by policy "
+            + ", ".join(f"{n} {share[n]:.2f}" for n in names)
+            + "; best list by policy " + ", ".join(f"{n} {best[n]:.2f}" for n in names))
+        train_generator_group(train, groups, generator, cfg.train, valid, log)
+    bundle.add("generator", "generator", generator)
+    log(f"fit done in {time.perf_counter() - t0:.0f}s")
+    return bundle
+
+
+def fit_tables(train: pa.Table, valid: pa.Table | None, config: GoalRankConfig, items: pa.Table | None = None,
+               log: Log = print) -> ModelBundle:
+    """fit_goalrank from impressions tables: builds vocabularies, encodes, fits."""
+    bundle = build_bundle(train, config, items)
+    tr = encode(bundle, train)
+    va = encode(bundle, valid) if valid is not None and valid.num_rows else None
+    log(f"train {len(tr)} requests, valid {len(va) if va is not None else 0}; items {bundle.dims.n_items}, "
+        f"users {bundle.dims.n_users}, N {tr.candidates.shape[1]}, L {bundle.dims.slate_len}")
+    return fit_goalrank(tr, va, bundle, log)

@@ -1,0 +1,70 @@
+"""The list-aware reward model r(u, l): click probability per position of a whole list.
+
+Each list item is its candidate embedding (item, category, target attention over the
+user's history) plus a position embedding; a Transformer runs over [user token, item 1..L]
+with full self-attention, so an item's click probability depends on what is shown before
+and after it. The list score is sum_k p_k / log2(k + 2) (DCG weights, k from 0).
+
+It scores any list of positions into the candidates, logged or not; -1 entries (short
+lists) are masked out and score 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from goalrank_core.batch import RequestBatch
+from goalrank_core.config import RewardConfig
+from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
+
+
+class RewardModel(nn.Module):
+    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg, self.slate_len = cfg, slate_len
+        self.embed = RequestEmbedder(d, n_items, n_users, n_categories, cfg.dropout)
+        self.pos = nn.Embedding(slate_len + 1, d)  # 0 = user token
+        self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
+        self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.register_buffer("dcg", 1.0 / torch.log2(torch.arange(slate_len, dtype=torch.float32) + 2), persistent=False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def logits(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """lists (B, G, L) positions (-1 = empty) -> (B, G, L) click logits."""
+        b, g, l = lists.shape
+        if l > self.slate_len:
+            raise ValueError(f"lists have length {l}, the reward model was built for {self.slate_len}")
+        user, cand = self.embed(batch)  # (B, d), (B, N, d)
+        items = gather_positions(cand, lists)  # (B, G, L, d)
+        tok = torch.cat([user[:, None, None, :].expand(b, g, 1, -1), items], dim=2)  # (B, G, 1 + L, d)
+        tok = tok + self.pos.weight[: l + 1]
+        pad = torch.cat([torch.zeros_like(lists[..., :1], dtype=torch.bool), lists < 0], dim=2)  # (B, G, 1 + L)
+        h = self.encoder(tok.reshape(b * g, l + 1, -1), src_key_padding_mask=pad.reshape(b * g, l + 1))
+        h = h.reshape(b, g, l + 1, -1)[:, :, 1:]  # (B, G, L, d)
+        # Skip connection from the item's own encoding keeps the point-wise signal direct.
+        return self.head(torch.cat([h, items], dim=-1)).squeeze(-1)
+
+    def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, G, L) -> (B, G, L) click probabilities, 0 at -1 entries."""
+        return torch.sigmoid(self.logits(batch, lists)) * (lists >= 0).to(torch.float32)
+
+    def score(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, G, L) -> (B, G) sum_k p_k / log2(k + 2)."""
+        p = self.click_probs(batch, lists)
+        return (p * self.dcg[: lists.shape[-1]]).sum(-1)
+
+    def bce_loss(self, batch: RequestBatch, lists: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean BCE over labelled positions. Defaults to the logged `shown` / `labels`;
+        `lists` (B, G, L) and `labels` (B, G, L) score extra (e.g. augmented) lists."""
+        if lists is None:
+            lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
+        assert labels is not None
+        logit = self.logits(batch, lists)
+        mask = (lists >= 0).to(logit.dtype)
+        loss = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype), reduction="none")
+        return (loss * mask).sum() / mask.sum().clamp(min=1)

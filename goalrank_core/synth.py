@@ -1,0 +1,149 @@
+"""Seeded synthetic impression logs whose value depends on a list's composition.
+
+World: users and items live in a d-dim taste space; items cluster by category (an item's
+vector is its category's centre plus noise), so a user's best items tend to share a category.
+The click logit of item i at position p of a list shown to user u is
+
+    a(u, i) - pos_bias[p] - gamma * (# items before p in the list with i's category)
+
+so a second item of a category is worth less than it would be alone. A point-wise sort by
+a(u, i) stacks one category and loses to a list that mixes categories: list-wise models have
+something to learn that point-wise ones cannot.
+
+Raw item ids are `ITEM_ID_OFFSET + index` and user ids `index`, so raw ids are never confused
+with positions or vocabulary indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from goalrank_core.errors import GoalRankInputError
+from goalrank_core.schemas import IMPRESSIONS, ITEMS
+
+ITEM_ID_OFFSET = 1000
+DAY = 86400
+T0 = 1_700_006_400  # 2023-11-15 00:00:00 UTC: synthetic logs start here
+
+
+@dataclass
+class SynthWorld:
+    user_vec: np.ndarray  # (U, d) float64
+    item_vec: np.ndarray  # (I, d) float64
+    item_bias: np.ndarray  # (I,) float64
+    category: np.ndarray  # (I,) int64 in [1, C]
+    pos_bias: np.ndarray  # (L,) float64, increasing: later positions are seen less
+    gamma: float  # penalty per earlier same-category item in the list
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return np.arange(len(self.item_bias), dtype=np.int64) + ITEM_ID_OFFSET
+
+    def _items(self, lists: np.ndarray) -> np.ndarray:
+        idx = np.asarray(lists, np.int64) - ITEM_ID_OFFSET
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.item_bias)):
+            bad = np.asarray(lists).ravel()[np.flatnonzero((idx.ravel() < 0) | (idx.ravel() >= len(self.item_bias)))[0]]
+            raise GoalRankInputError(f"synthetic world: item id {bad} is not one of its items")
+        return idx
+
+    def affinity(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """(B,) users, (B, M) raw item ids -> (B, M) point-wise logit a(u, i)."""
+        u = np.asarray(user_ids, np.int64)
+        i = self._items(item_ids)
+        return np.einsum("bd,bmd->bm", self.user_vec[u], self.item_vec[i]) + self.item_bias[i]
+
+    def click_probs(self, user_ids: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """(B,) user ids, (B, L) raw item ids in display order -> (B, L) click probabilities.
+        L may be at most len(pos_bias)."""
+        lists = np.asarray(lists, np.int64)
+        L = lists.shape[1]
+        if L > len(self.pos_bias):
+            raise GoalRankInputError(f"synthetic world: lists of {L} items, world built for at most {len(self.pos_bias)}")
+        cat = self.category[self._items(lists)]  # (B, L)
+        same = (cat[:, :, None] == cat[:, None, :]) & np.tri(L, k=-1, dtype=bool)[None]  # (B, L, L): j < p, same category
+        logit = self.affinity(user_ids, lists) - self.pos_bias[None, :L] - self.gamma * same.sum(-1)
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def list_value(self, user_ids: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """(B,) users, (B, L) lists -> (B,) true expected clicks of each list."""
+        return self.click_probs(user_ids, lists).sum(-1)
+
+
+def make_world(n_users: int, n_items: int, n_categories: int = 8, dim: int = 8, slate_len: int = 6,
+               gamma: float = 1.5, seed: int = 0) -> SynthWorld:
+    if n_users < 1 or n_items < 1 or n_categories < 1:
+        raise GoalRankInputError(f"synth: need users, items and categories >= 1, got {n_users}, {n_items}, {n_categories}")
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, (n_categories, dim))
+    category = rng.integers(0, n_categories, n_items)
+    item_vec = centres[category] + 0.35 * rng.normal(0.0, 1.0, (n_items, dim))
+    user_vec = 0.6 * rng.normal(0.0, 1.0, (n_users, dim))
+    item_bias = rng.normal(-1.0, 0.5, n_items)
+    pos_bias = 0.15 * np.arange(slate_len)
+    return SynthWorld(user_vec, item_vec, item_bias, category.astype(np.int64) + 1, pos_bias, gamma)
+
+
+def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user: int = 10, slate_len: int = 6,
+                      n_candidates: int = 50, n_categories: int = 8, history_len: int = 50, gamma: float = 1.5,
+                      days: int = 1, seed: int = 0) -> tuple[pa.Table, pa.Table, SynthWorld]:
+    """Logged impressions from the world: candidates are N items drawn by affinity (Gumbel
+    top-N at temperature 2: relevant, not only the best); the logging policy shows the top L by
+    a noisy affinity, ignoring context; labels are Bernoulli clicks. History = the user's
+    earlier clicks. Requests are spread evenly over `days` days from T0, in per-user order.
+    Returns (impressions: IMPRESSIONS, items: ITEMS, world)."""
+    if n_candidates > n_items or slate_len > n_candidates:
+        raise GoalRankInputError(f"synth: need slate_len <= n_candidates <= n_items, got {slate_len}, {n_candidates}, {n_items}")
+    if requests_per_user < 1 or days < 1:
+        raise GoalRankInputError(f"synth: requests_per_user and days must be >= 1, got {requests_per_user}, {days}")
+    world = make_world(n_users, n_items, n_categories, slate_len=slate_len, gamma=gamma, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    R = n_users * requests_per_user
+    user = np.repeat(np.arange(n_users, dtype=np.int64), requests_per_user)  # (R,) user-major, time order within
+    step = np.arange(R) % requests_per_user
+    ts = T0 + (step * days * DAY) // requests_per_user + rng.integers(0, 3600, R) // requests_per_user
+    cand = np.empty((R, n_candidates), np.int64)
+    shown = np.empty((R, slate_len), np.int64)
+    labels = np.empty((R, slate_len), np.float32)
+    all_items = world.item_ids
+    for a in range(0, R, 4096):
+        b = min(a + 4096, R)
+        aff = world.affinity(user[a:b], np.broadcast_to(all_items, (b - a, n_items)))  # (B, I)
+        gumbel = -np.log(-np.log(rng.random(aff.shape)))
+        c = np.argsort(-(aff / 2.0 + gumbel), axis=1)[:, :n_candidates]  # (B, N) item index
+        cand[a:b] = c + ITEM_ID_OFFSET
+        noisy = np.take_along_axis(aff, c, 1) + rng.normal(0.0, 1.0, c.shape)
+        top = np.argsort(-noisy, axis=1)[:, :slate_len]
+        shown[a:b] = np.take_along_axis(cand[a:b], top, 1)
+        labels[a:b] = rng.random((b - a, slate_len)) < world.click_probs(user[a:b], shown[a:b])
+    # History: clicks of the user's earlier requests, last `history_len`.
+    flat_items, flat_click = shown.ravel(), labels.ravel() > 0
+    clicked_items = flat_items[flat_click]
+    cum = np.concatenate([[0], np.cumsum(flat_click)])  # clicks before flat position e
+    first_of_user = (np.arange(R) - step) * slate_len
+    n_before = cum[np.arange(R) * slate_len] - cum[first_of_user]
+    h_len = np.minimum(n_before, history_len)
+    h_start = cum[np.arange(R) * slate_len] - h_len
+    off = np.zeros(R + 1, np.int64)
+    np.cumsum(h_len, out=off[1:])
+    h_idx = np.repeat(h_start - off[:-1], h_len) + np.arange(off[-1])
+    # Candidates in a seeded random order: the logging policy's choice must not show in it.
+    cand = np.take_along_axis(cand, np.argsort(rng.random(cand.shape), axis=1), 1)
+
+    def lists(x: np.ndarray, typ=pa.int64()) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), typ), x.shape[1]).cast(pa.list_(typ))
+
+    table = pa.table(
+        {
+            "request_id": pa.array([f"synth-{u}-{s}" for u, s in zip(user.tolist(), step.tolist())], pa.string()),
+            "user_id": pa.array(user),
+            "timestamp": pa.array(ts.astype(np.int64)),
+            "history": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(clicked_items[h_idx], pa.int64())),
+            "candidates": lists(cand),
+            "shown": lists(shown),
+            "labels": lists(labels, pa.float32()),
+        }
+    ).cast(IMPRESSIONS)
+    items = pa.table({"item_id": pa.array(all_items), "category": pa.array(world.category)}, schema=ITEMS)
+    return table, items, world

@@ -1,0 +1,260 @@
+"""The plain in-process reference trainer (no Ray).
+
+Per-batch loss functions (`reward_loss`, `supervised_list_loss`, `generator_group_loss`),
+`make_optimizer` and `set_seed` are what the distributed Ray Train workers call inside
+their DDP loops; the `train_*` functions below wrap them in a single-process epoch loop
+with one log line per epoch (loss, samples/s) and keep the weights of the best epoch on
+the validation split.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from goalrank_core.batch import EncodedRequests, RequestBatch
+from goalrank_core.config import TrainConfig
+from goalrank_core.group import group_relative_loss
+
+Log = Callable[[str], None]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch; CPU runs are then bit-for-bit repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; embeddings, norms and biases get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or name.startswith("pos") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def iterate_batches(n: int, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+    order = rng.permutation(n) if shuffle and rng is not None else np.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- per-batch losses ----------------------------------------------------------------------
+
+
+def augment_lists(batch: RequestBatch, n: int, gen: torch.Generator | None = None, p_unshown: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """n extra labelled lists per request: the logged list shuffled, each slot replaced with
+    probability p_unshown by a distinct unshown candidate labelled 0 (unshown candidates are
+    never positives in this offline protocol). -> lists (B, n, L), labels (B, n, L)."""
+    b, l = batch.shown.shape
+    nc = batch.candidates.shape[1]
+    dev = batch.shown.device
+    rand = lambda *s: torch.rand(s, generator=gen, device=gen.device if gen is not None else dev).to(dev)  # noqa: E731
+    perm = rand(b, n, l).argsort(-1)  # (B, n, L)
+    shown = batch.shown[:, None, :].expand(b, n, l).gather(2, perm)
+    labels = batch.labels[:, None, :].expand(b, n, l).gather(2, perm)
+    taken = torch.zeros(b, nc, dtype=torch.bool, device=dev)
+    taken.scatter_(1, batch.shown.clamp(min=0), batch.shown >= 0)
+    eligible = batch.cand_mask & ~taken  # (B, N)
+    keys = rand(b, n, nc).masked_fill(~eligible[:, None, :], 2.0)
+    unshown = keys.argsort(-1)[..., :l]  # (B, n, L) distinct, eligible first
+    ok = torch.gather(eligible[:, None, :].expand(b, n, nc), 2, unshown)
+    replace = (rand(b, n, l) < p_unshown) & ok & (shown >= 0)
+    lists = torch.where(replace, unshown, shown)
+    return lists, torch.where(replace, torch.zeros_like(labels), labels)
+
+
+def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """BCE on the logged list, plus `augment` lists mixing in unshown candidates."""
+    if augment <= 0:
+        return model.bce_loss(batch)
+    extra, extra_labels = augment_lists(batch, augment, gen)
+    lists = torch.cat([batch.shown[:, None, :], extra], dim=1)
+    labels = torch.cat([batch.labels[:, None, :], extra_labels], dim=1)
+    return model.bce_loss(batch, lists, labels)
+
+
+def positive_lists(batch: RequestBatch) -> torch.Tensor:
+    """(B, 1, L) the logged positives in display order, -1 after them."""
+    pos = (batch.labels > 0) & (batch.shown >= 0)  # (B, L)
+    order = (~pos).to(torch.int8).argsort(dim=1, stable=True)  # positives first, in order
+    lists = batch.shown.gather(1, order)
+    return torch.where(pos.gather(1, order), lists, torch.full_like(lists, -1))[:, None, :]
+
+
+def supervised_list_loss(model: nn.Module, batch: RequestBatch) -> torch.Tensor:
+    """Negative log-likelihood of the logged positives as a (partial) list, mean over
+    requests that have at least one positive."""
+    lists = positive_lists(batch)
+    has = (lists[:, 0, 0] >= 0).to(torch.float32)  # (B,)
+    logp = model.log_prob(batch, lists)[:, 0]  # (B,)
+    return -(logp * has).sum() / has.sum().clamp(min=1)
+
+
+def generator_group_loss(model: nn.Module, batch: RequestBatch, lists: torch.Tensor, pi_ref: torch.Tensor,
+                         mask: torch.Tensor, supervised_weight: float = 0.0) -> torch.Tensor:
+    """Group-relative cross-entropy -sum pi_ref log pi_theta (mean over requests), lists
+    (B, G, L), pi_ref (B, G), mask (B, G); plus supervised_weight * supervised_list_loss.
+    The candidate encoding is computed once and shared by both terms."""
+    enc = model.encode(batch)
+    lists = torch.where(mask[..., None], lists, torch.zeros_like(lists))  # masked slots: any valid list
+    loss = group_relative_loss(model.log_prob(batch, lists, enc), pi_ref, mask)
+    if supervised_weight > 0:
+        pos = positive_lists(batch)
+        has = (pos[:, 0, 0] >= 0).to(loss.dtype)
+        sup = -(model.log_prob(batch, pos, enc)[:, 0] * has).sum() / has.sum().clamp(min=1)
+        loss = loss + supervised_weight * sup
+    return loss
+
+
+# -- validation measures (quick, for logging and best-epoch selection) -----------------------
+
+
+@torch.no_grad()
+def hit_rate(lists: torch.Tensor, batch: RequestBatch) -> torch.Tensor:
+    """lists (B, L) -> (B,) share of the request's logged positives inside the list (nan if
+    it has none)."""
+    pos = (batch.labels > 0) & (batch.shown >= 0)  # (B, L)
+    hit = (batch.shown[:, :, None] == lists[:, None, :]).any(-1) & pos
+    return hit.sum(1).float() / pos.sum(1).float()
+
+
+@torch.no_grad()
+def greedy_hit_rate(model: nn.Module, data: EncodedRequests, batch_size: int) -> float:
+    model.eval()
+    dev, hits = _device(model), []
+    for idx in iterate_batches(len(data), batch_size, False):
+        b = data.batch(idx, dev)
+        hits.append(hit_rate(model.greedy(b), b))
+    h = torch.cat(hits)
+    return float(h[~h.isnan()].mean()) if len(h) else float("nan")
+
+
+@torch.no_grad()
+def mean_reward_loss(model: nn.Module, data: EncodedRequests, batch_size: int) -> float:
+    model.eval()
+    dev, tot, n = _device(model), 0.0, 0
+    for idx in iterate_batches(len(data), batch_size, False):
+        tot += float(model.bce_loss(data.batch(idx, dev))) * len(idx)
+        n += len(idx)
+    return tot / max(n, 1)
+
+
+# -- epoch loops ---------------------------------------------------------------------------
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    valid: float
+    samples_per_s: float
+
+
+def _fit(model: nn.Module, n_train: int, cfg: TrainConfig, epochs: int, step_loss: Callable[[np.ndarray], torch.Tensor],
+         validate: Callable[[], float] | None, higher_is_better: bool, what: str, log: Log) -> list[EpochLog]:
+    """Shared loop: shuffled batches, AdamW, grad clipping, best-on-valid weights kept."""
+    opt = make_optimizer(model, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    history: list[EpochLog] = []
+    best, best_state = None, None
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0, tot, seen = time.perf_counter(), 0.0, 0
+        for idx in iterate_batches(n_train, cfg.batch_size, True, rng):
+            loss = step_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            tot += float(loss) * len(idx)
+            seen += len(idx)
+        dt = time.perf_counter() - t0
+        val = validate() if validate is not None else float("nan")
+        entry = EpochLog(epoch, tot / max(seen, 1), val, seen / max(dt, 1e-9))
+        history.append(entry)
+        log(f"[{what}] epoch {epoch}/{epochs} loss {entry.loss:.4f} valid {val:.4f} "
+            f"{entry.samples_per_s:.0f} samples/s ({dt:.1f}s)")
+        if validate is not None and val == val:
+            if best is None or (val > best if higher_is_better else val < best):
+                best, best_state = val, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, model: nn.Module, cfg: TrainConfig,
+                       log: Log = print, augment: int | None = None, epochs: int | None = None) -> list[EpochLog]:
+    """BCE on logged lists (+ augmented lists, default `model.cfg.augment_lists`);
+    validation = BCE on the logged valid lists (lower is better)."""
+    dev = _device(model)
+    augment = model.cfg.augment_lists if augment is None else augment
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    step = lambda idx: reward_loss(model, train.batch(idx, dev), augment, gen)  # noqa: E731
+    validate = (lambda: mean_reward_loss(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
+    return _fit(model, len(train), cfg, epochs or cfg.reward_epochs, step, validate, False, "reward", log)
+
+
+def train_generator_supervised(train: EncodedRequests, valid: EncodedRequests | None, model: nn.Module, cfg: TrainConfig,
+                               log: Log = print, epochs: int | None = None) -> list[EpochLog]:
+    """Supervised list likelihood on the logged positives (the 'supervised' policy);
+    validation = greedy hit rate on valid (higher is better)."""
+    dev = _device(model)
+    step = lambda idx: supervised_list_loss(model, train.batch(idx, dev))  # noqa: E731
+    validate = (lambda: greedy_hit_rate(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
+    return _fit(model, len(train), cfg, epochs or cfg.aux_epochs, step, validate, True, "supervised", log)
+
+
+@dataclass
+class Groups:
+    """Scored groups aligned with the rows of an EncodedRequests (numpy, cheap to slice)."""
+
+    lists: np.ndarray  # (R, G, L) int64 positions, -1 padding
+    pi_ref: np.ndarray  # (R, G) float32
+    mask: np.ndarray  # (R, G) bool
+    rewards: np.ndarray | None = None  # (R, G) float32
+    policy_ids: np.ndarray | None = None  # (R, G) int64 index into policy names, -1 padding
+
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.lists[idx]).to(device), torch.from_numpy(self.pi_ref[idx]).to(device),
+                torch.from_numpy(self.mask[idx]).to(device))
+
+
+def train_generator_group(train: EncodedRequests, groups: Groups, model: nn.Module, cfg: TrainConfig,
+                          valid: EncodedRequests | None = None, log: Log = print, epochs: int | None = None,
+                          supervised_weight: float | None = None) -> list[EpochLog]:
+    """Group-relative training on precomputed groups (+ optional supervised term);
+    validation = greedy hit rate on valid."""
+    if len(groups.lists) != len(train):
+        raise ValueError(f"groups have {len(groups.lists)} rows, train has {len(train)}")
+    dev = _device(model)
+    w = cfg.supervised_weight if supervised_weight is None else supervised_weight
+
+    def step(idx: np.ndarray) -> torch.Tensor:
+        lists, pi_ref, mask = groups.batch(idx, dev)
+        return generator_group_loss(model, train.batch(idx, dev), lists, pi_ref, mask, w)
+
+    validate = (lambda: greedy_hit_rate(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
+    return _fit(model, len(train), cfg, epochs or cfg.epochs, step, validate, True, "generator", log)
+
+
+def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle, log: Log = print, policies: list | None = None):
+    """The whole in-process pipeline into a ModelBundle: see goalrank_core/fit.py."""
+    from goalrank_core.fit import fit_goalrank as _fit_goalrank
+
+    return _fit_goalrank(train, valid, bundle, log, policies)

@@ -1,0 +1,81 @@
+"""Ray Data and model-folder helpers shared by the stages: read a completed stage's table as a
+Ray Dataset, write a validated Dataset, load a model bundle from storage, seed per batch."""
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from goalrank_core.schemas import conform
+from tasks import storage
+
+
+def read_dataset(uri: str, what: str) -> Any:
+    """A completed stage's Parquet folder as a Ray Dataset (refused without a manifest)."""
+    import ray.data
+
+    storage.require_complete(uri, what)
+    fs, path = storage.filesystem(uri)
+    return ray.data.read_parquet(path, filesystem=fs, partitioning=None)
+
+
+def _conform_batch(batch: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    return conform(batch, schema, what)
+
+
+def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str) -> int:
+    """Validate every batch against `schema`, write Parquet parts to folder `uri` (replacing
+    what was there: Ray's default mode appends) and return the row count written."""
+    fs, path = storage.filesystem(uri)
+    checked = ds.map_batches(_conform_batch, fn_kwargs={"schema": schema, "what": what}, batch_format="pyarrow",
+                             batch_size=None, zero_copy_batch=True)
+    checked.write_parquet(path, filesystem=fs, mode="overwrite")
+    return count_rows(uri)
+
+
+def count_rows(uri: str) -> int:
+    """Rows of a Parquet folder, from the file footers only."""
+    fs, path = storage.filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
+
+
+def table_to_folder(table: pa.Table, uri: str, schema: pa.Schema, what: str) -> dict:
+    """Small tables written from the driver: validated, one part. -> manifest entry."""
+    rows = storage.write_table(table, uri, schema, what)
+    return storage.table_entry(schema, rows)
+
+
+def load_bundle(uri: str, what: str, map_location: str = "cpu") -> Any:
+    """A ModelBundle saved by a completed stage at `uri` (a folder holding bundle.json)."""
+    from goalrank_core.bundle import ModelBundle
+
+    storage.require_complete(uri, what)
+    with tempfile.TemporaryDirectory(prefix="goalrank-bundle-") as tmp:
+        local = storage.download_dir(uri, os.path.join(tmp, "b"))
+        return ModelBundle.load(local, map_location=map_location)
+
+
+def save_bundle(bundle: Any, uri: str) -> dict:
+    """Save a ModelBundle into storage at `uri`. -> manifest entry for it."""
+    with tempfile.TemporaryDirectory(prefix="goalrank-bundle-") as tmp:
+        local = os.path.join(tmp, "b")
+        bundle.save(local)
+        storage.upload_dir(local, uri)
+    return {"models": sorted(bundle.models), "kinds": dict(bundle.kinds)}
+
+
+def batch_seed(base: int, request_ids: list[str] | Any) -> int:
+    """A seed fixed by the batch's first request id: the same lists whichever actor (or how
+    many actors) processes the batch."""
+    first = str(request_ids[0]) if len(request_ids) else ""
+    return (int(base) * 1_000_003 + zlib.crc32(first.encode())) % (2**63 - 1)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and os.environ.get("GOALRANK_USE_GPU", "") != "0" else "cpu"

@@ -1,0 +1,141 @@
+"""Stage `prepare`: a data source -> validated train/valid/test impressions, the item side
+table and the vocabulary every later stage encodes with.
+
+Output (`{out}/`): `train/`, `valid/`, `test/` (schemas.IMPRESSIONS), `items/`
+(schemas.ITEMS, possibly empty) and `vocab/` (a model bundle with no models: item and user
+vocabularies, categories, dimensions; goalrank_core.bundle).
+
+A named data set runs the protocol (goalrank_core.protocol.make_splits) on the driver, as it
+needs the whole rating log at once (k-core, retriever). Impression logs are read with Ray
+Data (any number of Parquet parts, local or S3), validated batch by batch on the workers,
+and split per user by time. Splits are written back through Ray Data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.errors import GoalRankInputError
+from goalrank_core.schemas import IMPRESSIONS, ITEMS, conform
+from tasks import storage
+from tasks._data import save_bundle, write_dataset
+from tasks.ray_runtime import ensure_ray
+from tasks.storage import StageResult, run_stage
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the logs come from: a named data set (`dataset`, found in `data_dir` or
+    GOALRANK_DATA_DIR) or impressions Parquet (`impressions`: a file or folder, local or
+    s3://; `partitions` optionally names the sub-folders to read, e.g. ("date=2024-01-02",)),
+    with an optional item side table (`items`)."""
+
+    dataset: str | None = None
+    impressions: str | None = None
+    items: str | None = None
+    data_dir: str | None = None
+    partitions: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.impressions is None):
+            raise GoalRankInputError("data source: give exactly one of a data set name or an impressions path")
+        if self.partitions and self.impressions is None:
+            raise GoalRankInputError("data source: partitions apply only to an impressions path")
+
+    def input_uris(self) -> dict[str, str | None]:
+        """What the manifest fingerprints as this source's inputs."""
+        if self.dataset is not None:
+            from goalrank_core.datasets.registry import dataset_dir
+
+            return {"dataset": str(dataset_dir(self.dataset, self.data_dir))}
+        paths = {"impressions": self.impressions, "items": self.items}
+        for p in self.partitions:
+            paths[f"partition:{p}"] = storage.join(self.impressions, p)
+        if self.partitions:
+            paths.pop("impressions")
+        return paths
+
+
+def _validate_impressions(batch: pa.Table, what: str) -> pa.Table:
+    """Per-batch input contract check on the Ray workers (the data module's validator)."""
+    try:
+        from goalrank_core.validate import validate_impressions
+    except ModuleNotFoundError as exc:  # pragma: no cover - until the data module lands
+        if exc.name != "goalrank_core.validate":
+            raise
+        return conform(batch, IMPRESSIONS, what)
+    out = validate_impressions(batch, what)
+    return out if isinstance(out, pa.Table) else conform(batch, IMPRESSIONS, what)
+
+
+def _read_impressions(source: DataSource) -> pa.Table:
+    import ray
+    import ray.data
+
+    fs, path = storage.filesystem(source.impressions)
+    paths: str | list[str] = [f"{path}/{p}" for p in source.partitions] if source.partitions else path
+    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
+    ds = ds.map_batches(_validate_impressions, fn_kwargs={"what": source.impressions}, batch_format="pyarrow",
+                        batch_size=None)
+    tables = ray.get(ds.to_arrow_refs())
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise GoalRankInputError(f"{source.impressions}: no impressions to read")
+    return pa.concat_tables([conform(t, IMPRESSIONS, source.impressions) for t in tables])
+
+
+def _read_items(uri: str | None) -> pa.Table | None:
+    if uri is None:
+        return None
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    return conform(pq.read_table(path, filesystem=fs, partitioning=None), ITEMS, uri)
+
+
+def load_splits(source: DataSource, config: GoalRankConfig) -> Any:
+    """The source as protocol Splits (train/valid/test impressions, items, stats)."""
+    from goalrank_core import protocol
+
+    if source.dataset is not None:
+        from goalrank_core import datasets
+
+        raw = datasets.load(source.dataset, source.data_dir)
+        return protocol.make_splits(raw, config.protocol)
+    return protocol.split_impressions(_read_impressions(source), _read_items(source.items))
+
+
+def prepare(source: DataSource, out: str, config: GoalRankConfig) -> StageResult:
+    """Stage 1: see the module docstring."""
+
+    def body(out: str) -> dict:
+        import ray.data
+
+        from goalrank_core.fit import build_bundle
+
+        ensure_ray()
+        splits = load_splits(source, config)
+        if splits.train.num_rows == 0:
+            raise GoalRankInputError("prepare: the training split is empty")
+        tables = {}
+        for name in SPLITS:
+            ds = ray.data.from_arrow(splits.split(name))
+            rows = write_dataset(ds, storage.join(out, name), IMPRESSIONS, f"prepare {name}")
+            tables[name] = storage.table_entry(IMPRESSIONS, rows)
+        items = splits.items if splits.items is not None else ITEMS.empty_table()
+        tables["items"] = storage.table_entry(ITEMS, storage.write_table(items, storage.join(out, "items"), ITEMS, "prepare items"))
+        bundle = build_bundle(splits.train, config, splits.items)
+        vocab = save_bundle(bundle, storage.join(out, "vocab"))
+        vocab.update({"dims": dict(bundle.dims.__dict__)})
+        extra = {"stats": splits.stats}
+        if source.partitions:
+            extra["partitions"] = list(source.partitions)
+        return {"tables": tables, "models": {"vocab": vocab}, "extra": extra}
+
+    ensure_ray()
+    return run_stage(out, "prepare", config, source.input_uris(), body,
+                     params={"source": {k: v for k, v in source.__dict__.items() if k != "data_dir"}})

@@ -1,0 +1,98 @@
+"""Connecting to Ray, and the resource settings that keep it from hanging on small machines.
+
+`ensure_ray()` joins the cluster at RAY_ADDRESS when that is set, else starts a local Ray
+once per process with an explicit CPU count. On 2 CPUs two Ray defaults wait for ever
+(../shared/STACK.md): an actor pool or a set of train workers holding every CPU leaves none
+for the read tasks that feed them. Actors and train workers therefore ask for a fraction of
+a CPU (GOALRANK_RAY_ACTOR_CPUS, default 0.5).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Defaults that only quiet local runs; an explicit setting in the environment wins.
+_ENV_DEFAULTS = {
+    "RAY_AUTH_MODE": "disabled",  # no token prompt/warning for a loopback-only local Ray
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address: str | None = None) -> dict[str, Any]:
+    """Make sure this process is connected to Ray and return its cluster resources.
+
+    address: a Ray cluster (defaults to RAY_ADDRESS); with none, a local Ray starts with
+    `num_cpus` (default GOALRANK_RAY_NUM_CPUS, else all cores) and its temp files in
+    `temp_dir` (default GOALRANK_RAY_TMPDIR, else Ray's). Calling it again is a no-op.
+    """
+    for k, v in _ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            cpus = num_cpus or int(os.environ.get("GOALRANK_RAY_NUM_CPUS", "0")) or os.cpu_count() or 1
+            kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}
+            tmp = temp_dir or os.environ.get("GOALRANK_RAY_TMPDIR")
+            if tmp:
+                os.makedirs(tmp, exist_ok=True)
+                kwargs["_temp_dir"] = os.path.abspath(tmp)
+            ray.init(**kwargs)
+        _quiet_data_context()
+    return dict(ray.cluster_resources())
+
+
+def _quiet_data_context() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True  # one bar per operator for data stages
+    ctx.print_on_execution_start = False
+
+
+def actor_cpus() -> float:
+    """CPUs per Ray Data actor or Ray Train worker: a fraction, so reads still get a CPU."""
+    return float(os.environ.get("GOALRANK_RAY_ACTOR_CPUS", "0.5"))
+
+
+def use_gpu() -> bool:
+    """Workers use a GPU when the cluster has one (GOALRANK_USE_GPU=0 turns it off)."""
+    if os.environ.get("GOALRANK_USE_GPU", "").strip() == "0":
+        return False
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def actor_pool(size: int) -> tuple[Any, dict[str, float]]:
+    """(compute strategy, resource kwargs) for `map_batches` with a pool of `size` actors."""
+    import ray.data
+
+    size = max(1, int(size))
+    res: dict[str, float] = {"num_cpus": actor_cpus()}
+    if use_gpu():
+        res["num_gpus"] = 1.0 / size if size > 1 else 1.0
+    return ray.data.ActorPoolStrategy(size=size), res
+
+
+def train_scaling(num_workers: int) -> Any:
+    """ScalingConfig for `num_workers` DDP workers with fractional CPUs (GPU each if any)."""
+    from ray.train import ScalingConfig
+
+    gpu = use_gpu()
+    res = {"CPU": actor_cpus()}
+    if gpu:
+        res["GPU"] = 1.0
+    return ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=res)
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,123 @@
+"""The whole `goalrank-daily` flow under prefect_test_harness, on tiny synthetic data, with
+local Ray, local storage and MLflow on SQLite: it completes, registers a version, a rerun
+redoes nothing and registers nothing new, and champion moves only when the new model is no
+worse (both ways)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flow_helpers import TINY_OVERRIDES, synth_source
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield home
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, prefect_harness, ray_session):
+    root = tmp_path_factory.mktemp("flow")
+    impressions, items = synth_source(root / "data")
+    return {
+        "impressions": str(impressions), "items": str(items), "storage": str(root / "storage"),
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "flow-test", "model_name": "goalrank-flow",
+    }
+
+
+def _run(world, run_id, margin=0.0, **extra_overrides):
+    from flows.daily import goalrank_daily
+
+    return goalrank_daily(
+        impressions=world["impressions"], items=world["items"], storage=world["storage"], run_id=run_id,
+        tracking_uri=world["tracking_uri"], experiment=world["experiment"], model_name=world["model_name"],
+        overrides={**TINY_OVERRIDES, **extra_overrides}, promotion_margin=margin)
+
+
+def test_flow_registers_promotes_and_reruns_without_duplicates(world, capsys):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(world["tracking_uri"])
+    first = _run(world, "day-1")
+    out = capsys.readouterr().out
+    assert first["registered_version"] == "1" and first["newly_registered"]
+    assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
+    assert client.get_model_version_by_alias(world["model_name"], "champion").version == "1"
+    stages = [s["stage"] for s in first["stages"]]
+    assert stages == ["prepare", "train_reward_model", "train_policies", "generate_candidates r1", "score r1",
+                      "train_generator r1", "evaluate"]
+    assert not any(s["skipped"] for s in first["stages"])
+    policies = {r["policy"] for r in first["metrics"]}
+    assert "goalrank" in policies and len(policies) > 1  # GoalRank against baselines
+    assert all(0.0 <= r["value"] <= 1.0 for r in first["metrics"])
+    # The end-of-run report: metrics table, registered version and decision.
+    assert "valid metrics" in out and "registered: goalrank-flow version 1" in out and "PROMOTED" in out
+
+    # MLflow: params, per-epoch metrics, stage timings, plots, evaluation table, the model.
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.data.params["group.size"] == str(TINY_OVERRIDES["group.size"])
+    assert any(k.startswith("stage.train_generator_r1") for k in run.data.metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/training_curves.png", "plots/goalrank_vs_baselines.png"}
+    mv = client.get_model_version(world["model_name"], "1")
+    assert mv.tags["goalrank.run_id"] == "day-1" and "goalrank.metric.valid.ndcg_at_4" in mv.tags
+
+    # Rerun of the same run id: every stage skipped, no new version, same decision.
+    again = _run(world, "day-1")
+    assert all(s["skipped"] for s in again["stages"])
+    assert again["registered_version"] == "1" and not again["newly_registered"]
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert len(client.search_model_versions(f"name = '{world['model_name']}'")) == 1
+
+
+def test_champion_moves_only_when_no_worse(world):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(world["tracking_uri"])
+    champ_before = client.get_model_version_by_alias(world["model_name"], "champion").version
+    # A margin no model can reach (NDCG <= 1): the new version is registered, champion stays.
+    worse = _run(world, "day-2", margin=1.0, **{"train.seed": 1})
+    d = worse["decision"]
+    assert worse["newly_registered"] and not d["promoted"]
+    assert d["challenger_value"] < d["champion_value"] + 1.0
+    assert client.get_model_version_by_alias(world["model_name"], "champion").version == champ_before
+    assert client.get_model_version_by_alias(world["model_name"], "challenger").version == worse["registered_version"]
+    # The same run again with a margin that tolerates any loss: nothing retrained, no new
+    # version, and now the champion moves to it.
+    better = _run(world, "day-2", margin=-1.0, **{"train.seed": 1})
+    assert all(s["skipped"] for s in better["stages"]) and not better["newly_registered"]
+    assert better["registered_version"] == worse["registered_version"] and better["decision"]["promoted"]
+    assert client.get_model_version_by_alias(world["model_name"], "champion").version == worse["registered_version"]
+
+
+def test_bad_config_fails_before_any_stage(world):
+    from goalrank_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="group.size"):
+        _run(world, "bad", **{"group.size": 0})
+    assert not os.path.exists(os.path.join(world["storage"], "impressions", "bad"))
+
+
+def test_transient_failures_are_retried_and_validation_errors_are_not():
+    from flows.daily import is_transient
+    from goalrank_core.errors import DataValidationError
+
+    assert is_transient(ConnectionResetError("peer reset"))
+    assert is_transient(OSError("When reading s3://b/k: AWS Error NETWORK_CONNECTION"))
+    wrapped = RuntimeError("stage failed")
+    wrapped.__cause__ = TimeoutError("timed out")
+    assert is_transient(wrapped)
+    assert not is_transient(DataValidationError("impressions.parquet: column 'labels' has a NaN at row 3"))
+    assert not is_transient(FileNotFoundError("no such file"))
+    assert not is_transient(ValueError("bug"))
+    ray_like = type("ActorDiedError", (RuntimeError,), {})
+    assert is_transient(ray_like("actor died"))
