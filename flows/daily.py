@@ -297,13 +297,19 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
     cfg = GoalRankConfig.from_dict(config)
 
     def reevaluate(champ) -> float:
-        # The champion was evaluated on other validation data: evaluate its bundle here.
-        bundle = tracking.resolve_model_dir(f"models:/{model_name}/{champ.version}", tracking_uri)
-        dataset_dir = Path(uris["prepared"]).parent
-        out = _storage().join(str(dataset_dir), f"evaluate_champion_v{champ.version}")
-        res = getattr(_stages(), "evaluate")(uris["prepared"], uris["reward_model"], uris["policies"], bundle, out, cfg)
-        vals = metric_values(read_metrics(res.uri, res.manifest))
-        return vals[f"valid.{metric}"]
+        # The champion was evaluated on other validation data: rank the current validation
+        # split with its generator, in process, exactly as the evaluate stage scores GoalRank.
+        from goalrank_core.bundle import ModelBundle
+        from goalrank_core.metrics import evaluate_lists
+        from goalrank_core.ranking import rank
+
+        bundle = ModelBundle.load(tracking.resolve_model_dir(f"models:/{model_name}/{champ.version}", tracking_uri))
+        truth = _storage().read_table(_storage().join(uris["prepared"], "valid"), None, "validation split")
+        ranked = rank(bundle, truth.drop_columns(["shown", "labels"]), GOALRANK_POLICY, seed=cfg.train.seed)
+        k = int(metric.rsplit("@", 1)[1])
+        value = evaluate_lists(ranked, truth, ks=(k,), seed=cfg.train.seed)[metric].value
+        print(f"[promote] champion v{champ.version} re-evaluated on this run's validation data: {metric} {value:.4f}")
+        return value
 
     decision = registry.promote(client, model_name, registered["version"], metric=metric, margin=margin,
                                 reevaluate=reevaluate)
@@ -320,10 +326,10 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
 # ---------------------------------------------------------------- the flow
 def flow_settings(**given: Any) -> dict[str, str]:
     """Storage, tracking URI, experiment, model name and data dir: the flow's parameters
-    where given, else goalrank.settings (flags > env > config file > defaults)."""
+    where given, else goalrank.settings (env > defaults under the working folder)."""
     from goalrank.settings import resolve_settings
 
-    st = resolve_settings(**{k: v for k, v in given.items() if v is not None})
+    st = resolve_settings(cli=given)
     return {k: getattr(st, k) for k in ("storage", "tracking_uri", "experiment", "model_name", "data_dir")}
 
 
@@ -391,7 +397,9 @@ def goalrank_daily(
     for r in range(1, cfg.group.rounds + 1):
         cand = generate_candidates_task(run_id, r, prep["uri"], pol["uri"], generator, uri(f"candidates_r{r}"), c)
         sc = score_task(run_id, r, cand["uri"], prep["uri"], rew["uri"], uri(f"scored_r{r}"), c)
-        gen = train_generator_task(run_id, r, sc["uri"], prep["uri"], generator, uri(f"generator_r{r}"), c)
+        # Round 1 starts from the supervised generator (policies stage), later rounds from the last.
+        init = generator or pol["uri"]
+        gen = train_generator_task(run_id, r, sc["uri"], prep["uri"], init, uri(f"generator_r{r}"), c)
         generator = gen["uri"]
         summaries += [cand, sc, gen]
     ev = evaluate_task(run_id, prep["uri"], rew["uri"], pol["uri"], generator, uri("evaluate"), c)

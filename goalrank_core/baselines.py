@@ -66,6 +66,7 @@ class PointwiseDNN(nn.Module):
         cfg = cfg or PolicyConfig()
         self.init_args = {"n_users": n_users, "n_items": n_items, "n_categories": n_categories}
         d, h = cfg.dnn_dim, cfg.dnn_hidden
+        self.unshown_weight = cfg.unshown_weight  # read by pointwise_loss
         self.features = _Features(n_users, n_items, n_categories, d)
         self.mlp = nn.Sequential(nn.Linear(5 * d, h), nn.ReLU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
@@ -88,6 +89,7 @@ class PRM(nn.Module):
         self.init_args = {"n_users": n_users, "n_items": n_items, "n_categories": n_categories,
                           "n_positions": n_positions}
         d = cfg.prm_d_model
+        self.unshown_weight = cfg.unshown_weight  # read by prm_loss
         self.features = _Features(n_users, n_items, n_categories, d)
         self.position = nn.Embedding(max(n_positions, 1), d)
         self.inp = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
@@ -111,24 +113,39 @@ class PRM(nn.Module):
 # ---------------------------------------------------------------- losses
 
 
-def shown_bce(logits: torch.Tensor, batch: RequestBatch) -> torch.Tensor:
-    """BCE of (B, N) candidate logits against the labels of the shown positions (mean over
-    labelled positions; a batch without any gives a zero loss that still has a graph)."""
+def shown_bce(logits: torch.Tensor, batch: RequestBatch, unshown_weight: float = 0.0) -> torch.Tensor:
+    """BCE of (B, N) candidate logits: mean over the labelled shown positions, plus
+    `unshown_weight` x mean over the real candidates that were not shown, as label 0 (in the
+    offline protocol an unshown candidate is never a positive; without this term the model
+    never sees most of the candidates it must rank below the shown positives). A batch
+    without labels gives a zero loss that still has a graph."""
     valid = batch.shown >= 0  # (B, L)
     picked = torch.gather(logits, 1, batch.shown.clamp(min=0))  # (B, L)
-    target = batch.labels.clamp(0.0, 1.0)
-    loss = F.binary_cross_entropy_with_logits(picked, target, reduction="none")
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
+    loss = F.binary_cross_entropy_with_logits(picked, batch.labels.clamp(0.0, 1.0), reduction="none")
+    total = (loss * valid).sum() / valid.sum().clamp(min=1)
+    if unshown_weight > 0:
+        shown = torch.zeros_like(batch.cand_mask).scatter_(1, batch.shown.clamp(min=0), valid)  # (B, N)
+        neg = batch.cand_mask & ~shown & valid.any(1, keepdim=True)  # (B, N) only in labelled rows
+        neg_loss = F.softplus(logits)  # BCE against 0
+        total = total + unshown_weight * (neg_loss * neg).sum() / neg.sum().clamp(min=1)
+    return total
 
 
-def pointwise_loss(model: nn.Module, batch: RequestBatch) -> torch.Tensor:
-    return shown_bce(model(batch), batch)
+def _unshown_weight(model: nn.Module, given: float | None) -> float:
+    if given is not None:
+        return given
+    return float(getattr(getattr(model, "module", model), "unshown_weight", 0.0))  # DDP wraps in .module
 
 
-def prm_loss(model: nn.Module, batch: RequestBatch) -> torch.Tensor:
+def pointwise_loss(model: nn.Module, batch: RequestBatch, unshown_weight: float | None = None) -> torch.Tensor:
+    """unshown_weight None: the model's own (from PolicyConfig.unshown_weight)."""
+    return shown_bce(model(batch), batch, _unshown_weight(model, unshown_weight))
+
+
+def prm_loss(model: nn.Module, batch: RequestBatch, unshown_weight: float | None = None) -> torch.Tensor:
     # The same objective as the point-wise model; the difference is that PRM's logits for the
     # shown items are computed with every candidate in view.
-    return shown_bce(model(batch), batch)
+    return shown_bce(model(batch), batch, _unshown_weight(model, unshown_weight))
 
 
 # ---------------------------------------------------------------- training loops

@@ -160,6 +160,9 @@ class PolicyConfig:
     prm_layers: int = _help("Transformer layers of the PRM", 1)
     prm_heads: int = _help("attention heads of the PRM", 2)
     dropout: float = _help("dropout in the point-wise DNN and the PRM", 0.1)
+    unshown_weight: float = _help(
+        "weight of the BCE term treating unshown candidates as label 0 in the DNN and PRM losses "
+        "(0 = shown labels only; unshown candidates are never positives in the offline protocol)", 1.0)
 
     def __post_init__(self) -> None:
         names = self.auxiliary_names()
@@ -179,6 +182,7 @@ class PolicyConfig:
         _check(self.mmr_relevance in ("popularity", "ctr", "history", "dnn"), "policies.mmr_relevance",
                f"must be popularity, ctr, history or dnn, got {self.mmr_relevance!r}")
         _check(0.0 <= self.dropout < 1.0, "policies.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.unshown_weight >= 0, "policies.unshown_weight", f"must be >= 0, got {self.unshown_weight}")
 
     def auxiliary_names(self) -> list[str]:
         return [n.strip() for n in self.auxiliary.split(",") if n.strip()]

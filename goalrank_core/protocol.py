@@ -157,7 +157,7 @@ def _stats(tables: dict[str, pa.Table], **extra) -> dict:
     for name, t in tables.items():
         lab = pc.list_flatten(t.column("labels")).to_numpy()
         out[f"{name}_requests"] = t.num_rows
-        out[f"{name}_positive_share"] = round(float(lab.mean()), 4) if len(lab) else 0.0
+        out[f"{name}_positive_share"] = round(float((lab > 0).mean()), 4) if len(lab) else 0.0
         out[f"{name}_requests_without_positive"] = _no_pos(t)
         out[f"{name}_mean_candidates"] = round(float(pc.mean(pc.list_value_length(t.column("candidates"))).as_py() or 0), 2)
     return out

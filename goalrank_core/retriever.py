@@ -18,16 +18,15 @@ import warnings
 import numpy as np
 import torch
 
-# CSR support is "beta" in torch; the ops used here (sparse @ sparse, sparse @ dense) are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], values: np.ndarray | None = None) -> torch.Tensor:
     """A float32 sparse CSR tensor with duplicates summed."""
     v = torch.ones(len(rows)) if values is None else torch.as_tensor(values, dtype=torch.float32)
     idx = torch.as_tensor(np.stack([rows, cols]), dtype=torch.int64)
-    return torch.sparse_coo_tensor(idx, v, shape).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # CSR is "beta" in torch; sparse @ sparse / dense are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_coo_tensor(idx, v, shape, check_invariants=False).coalesce().to_sparse_csr()
 
 
 @dataclass
@@ -134,7 +133,8 @@ class PureSVD(Retriever):
         pairs = np.unique(row.astype(np.int64) * n_i + col)
         row, col = pairs // n_i, pairs % n_i
         pop = np.bincount(col, minlength=n_i).astype(np.float32)
-        x = torch.sparse_coo_tensor(torch.as_tensor(np.stack([row, col])), torch.ones(len(row)), (n_u, n_i)).coalesce()
+        x = torch.sparse_coo_tensor(torch.as_tensor(np.stack([row, col])), torch.ones(len(row)), (n_u, n_i),
+                                    check_invariants=False).coalesce()
         torch.manual_seed(seed)  # svd_lowrank draws a random projection
         d = max(1, min(dim, n_i - 1, n_u - 1))
         _, s, v = torch.svd_lowrank(x, q=d, niter=4)  # v: (I, d)

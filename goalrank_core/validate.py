@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from goalrank_core.errors import DataValidationError, GoalRankInputError
+from goalrank_core.errors import DataValidationError
 from goalrank_core.schemas import IMPRESSIONS, ITEMS, RANKED, REQUESTS, SchemaError, conform
 
 _INT64_MAX = np.iinfo(np.int64).max

@@ -374,8 +374,9 @@ def run_stage(
     """Run `body(out)` unless `out` already holds a complete result of the same stage, config
     hash, parameters and inputs.
 
-    `body` writes tables/models under `out` and returns `{"tables": {rel: table_entry},
-    "extra": {...}}` (any other keys are copied into the manifest). A previous manifest that
+    `body` writes tables/models under `out` and returns `{"tables": {rel: table_entry}, ...}`;
+    the keys of "extra" and any other keys are copied into the manifest, "memory" is merged
+    with the measured peaks. A previous manifest that
     does not match is deleted first, then the folder, so a crash mid-way leaves a folder
     without a manifest: never read, and cleared on the next try.
     """
@@ -417,6 +418,7 @@ def run_stage(
         "wall_s": round(wall, 3),
         "memory": memory,
     }
+    manifest.update(produced.pop("extra", {}) or {})
     manifest.update(produced)
     write_json(manifest_uri(out), manifest)  # last: the stage is now complete
     rows = ", ".join(f"{k}={v['rows']}" for k, v in manifest["tables"].items() if isinstance(v, dict) and "rows" in v)

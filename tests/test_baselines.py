@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from goalrank_core.baselines import (
     PRM, GeneratorEvaluator, PointwiseDNN, evaluate_loss, pointwise_loss, pointwise_policy, prm_loss, prm_policy,
-    train_pointwise, train_prm,
+    shown_bce, train_pointwise, train_prm,
 )
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import PolicyConfig, TrainConfig
@@ -20,7 +21,8 @@ from goalrank_core.policies import (
 from test_policies import masked_batches, valid_lists
 
 N_ITEMS, SIGNAL = 30, 2
-CFG = PolicyConfig(dnn_dim=16, dnn_hidden=32, prm_d_model=16, prm_heads=2, dropout=0.0, emb_dim=4)
+# Shown labels only: the synthetic shown lists are random picks, so "unshown" carries no signal here.
+CFG = PolicyConfig(dnn_dim=16, dnn_hidden=32, prm_d_model=16, prm_heads=2, dropout=0.0, emb_dim=4, unshown_weight=0.0)
 
 
 def synth(r: int, context: bool, seed: int, n: int = 8, L: int = 4) -> EncodedRequests:
@@ -170,3 +172,47 @@ def test_training_without_shown_lists_is_an_input_error():
     data.shown[:] = -1
     with pytest.raises(GoalRankInputError, match="no shown lists"):
         train_pointwise(data, None, dnn(), TrainConfig(aux_epochs=1), log=lambda s: None)
+
+
+def test_shown_bce_adds_unshown_candidates_as_negatives():
+    # row 0: shown positions 1 (label 1) and 3 (label 0); real candidates 0..4; row 1 unlabelled
+    data = synth(2, False, 0, n=6, L=2)
+    data.shown[:] = [[1, 3], [-1, -1]]
+    data.labels[:] = [[1.0, 0.0], [0.0, 0.0]]
+    data.cand_mask[0, 5] = False
+    batch = data.batch(slice(None))
+    logits = torch.zeros(2, 6)
+    logits[0, 1], logits[0, 3] = 2.0, -1.0
+    logits[0, 0], logits[0, 2], logits[0, 4] = 0.5, -0.5, 1.5  # the unshown real candidates
+    logits[0, 5], logits[1] = 50.0, 50.0  # padding and the unlabelled row: never counted
+    shown_part = (F.softplus(-logits[0, 1]) + F.softplus(logits[0, 3])) / 2
+    unshown_part = F.softplus(logits[0, [0, 2, 4]]).mean()
+    assert torch.allclose(shown_bce(logits, batch), shown_part)
+    assert torch.allclose(shown_bce(logits, batch, 0.5), shown_part + 0.5 * unshown_part)
+    model = PointwiseDNN(12, N_ITEMS + 2, 4, PolicyConfig(unshown_weight=2.0))
+    with torch.no_grad():
+        out = model.eval()(batch)
+        assert torch.allclose(pointwise_loss(model, batch), shown_bce(out, batch, 2.0))
+        assert torch.allclose(pointwise_loss(model, batch, 0.0), shown_bce(out, batch))
+
+
+def test_unshown_negatives_teach_the_dnn_to_rank_shown_items_first():
+    """When shown items are drawn from a subset of items (as in the offline protocol, where
+    shown = what the user rated), the unshown term teaches shown-vs-unshown; shown labels
+    alone cannot."""
+    rng = np.random.default_rng(0)
+    data = synth(400, False, 0)
+    watched = np.arange(N_ITEMS + 2) % 2 == 0  # only even items are ever shown
+    for i in range(len(data)):
+        ev = rng.choice(np.arange(4, N_ITEMS + 2, 2), 4, replace=False)
+        od = rng.choice(np.arange(3, N_ITEMS + 2, 2), 4, replace=False)
+        data.candidates[i] = rng.permutation(np.concatenate([ev, od]))
+        data.shown[i] = np.flatnonzero(watched[data.candidates[i]])
+    shares = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = PointwiseDNN(12, N_ITEMS + 2, 4, PolicyConfig(dnn_dim=16, dnn_hidden=32, dropout=0.0, unshown_weight=w))
+        train_pointwise(data, None, model, TrainConfig(aux_epochs=4, batch_size=32, lr=1e-2), log=lambda s: None)
+        top = pointwise_policy(model).propose(data.batch(slice(None)), 1)[:, 0].numpy()
+        shares[w] = watched[np.take_along_axis(data.candidates, top, 1)].mean()
+    assert shares[1.0] > 0.95 and shares[1.0] > shares[0.0] + 0.2, shares

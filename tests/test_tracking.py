@@ -140,3 +140,61 @@ def test_run_logging_params_metrics_plots_table(store, monkeypatch):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # Artifacts of the local store live beside its database, not in ./mlruns of the cwd.
     assert (root / "mlartifacts").is_dir()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_ranking_requests(bundle_dir, store, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` on 127.0.0.1 answers POST /invocations."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    uri, root = store
+    requests = _impressions(4, 9, 900).drop_columns(["shown", "labels"])
+    with tracking.pipeline_run(uri, "tracking-tests", "run-serve", "cfg1") as run:
+        source = tracking.log_ranker(bundle_dir, requests.to_pandas().head(2))
+    client = MlflowClient(uri)
+    mv, _ = registry.register(client, "goalrank-served", source, run.info.run_id, "run-serve", "cfg1",
+                              {"valid.ndcg@3": 0.3})
+    registry.promote(client, "goalrank-served", mv.version, metric="ndcg@3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    # The scoring server runs `uvicorn` by name: the venv's bin must be on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
+                                 "models:/goalrank-served@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                                 "-p", str(port), "-w", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        body = json.dumps({"dataframe_records": requests.to_pylist()}).encode()
+        deadline, reply = time.time() + 120, None
+        while time.time() < deadline and reply is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    reply = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert reply is not None, log.read_text()[-3000:]
+        preds = reply["predictions"]
+        assert [p["request_id"] for p in preds] == requests.column("request_id").to_pylist()
+        for p, cands in zip(preds, requests.column("candidates").to_pylist()):
+            assert len(p["ranked"]) == 3 and set(p["ranked"]) <= set(cands)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -98,26 +98,38 @@ def _use_local_prefect(workspace: Path) -> None:
 
 
 def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The flow's parameters from the parsed flags (validated: a bad config fails here)."""
-    from goalrank.cli.common import load_config
+    """The flow's parameters from the parsed flags, the config file (its `settings:` section
+    and model sections) and the environment (flags > env > file > defaults). Validated here,
+    so a bad config fails before anything starts. A setting holding a credential (a password
+    inside a tracking URI) is left out: the flow reads it from the environment itself, so it
+    never becomes a Prefect parameter."""
+    from goalrank.settings import load_config_file, mask_uri, resolve_settings
+    from goalrank_core.config import GoalRankConfig
 
+    file_settings, model = load_config_file(args.config)
     overrides = parse_overrides(args.overrides)
-    load_config(args.config, overrides)  # raise ConfigError before anything starts
-    config = load_config(args.config).to_dict() if args.config else None
+    base = GoalRankConfig.from_dict(model)
+    if overrides:
+        base.override(overrides)
+    flags = {"storage": args.storage, "tracking_uri": args.tracking_uri, "experiment": args.experiment,
+             "model_name": args.model_name, "data_dir": args.data_dir}
+    st = resolve_settings(cli=flags, file_settings=file_settings, file_name=str(args.config or "config file"))
     params = {
         "dataset": args.dataset, "impressions": args.impressions, "items": args.items,
-        "data_dir": args.data_dir, "storage": args.storage, "run_id": args.run_id, "run_date": args.run_date,
-        "tracking_uri": args.tracking_uri, "experiment": args.experiment, "model_name": args.model_name,
-        "config": config, "overrides": overrides or None,
+        "run_id": args.run_id, "run_date": args.run_date,
+        "config": model or None, "overrides": overrides or None,
         "promotion_metric": args.promotion_metric, "promotion_margin": args.promotion_margin,
     }
+    for name in ("storage", "tracking_uri", "experiment", "model_name", "data_dir"):
+        value = getattr(st, name)
+        if value is not None and mask_uri(str(value)) == str(value):
+            params[name] = value
     return {k: v for k, v in params.items() if v is not None}
 
 
 def _workspace() -> Path:
-    from goalrank.settings import resolve_settings
-
-    return Path(resolve_settings().workspace)
+    """Settings' defaults live under the current folder; so does the local Prefect database."""
+    return Path.cwd() / ".goalrank"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,12 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from goalrank.cli.common import load_config
-    from goalrank.settings import resolve_settings
+    from goalrank.settings import load_config_file, resolve_settings
+    from goalrank_core.config import GoalRankConfig
 
-    kw = {k: v for k, v in (("tracking_uri", args.tracking_uri), ("model_name", args.model_name)) if v}
-    st = resolve_settings(**kw)
-    metric = args.metric or f"ndcg@{load_config(args.config).protocol.slate_len}"
+    file_settings, model = load_config_file(args.config)
+    st = resolve_settings(cli={"tracking_uri": args.tracking_uri, "model_name": args.model_name},
+                          file_settings=file_settings, file_name=str(args.config or "config file"))
+    metric = args.metric or f"ndcg@{GoalRankConfig.from_dict(model).protocol.slate_len}"
     from mlflow import MlflowClient
 
     from flows import registry

@@ -1,0 +1,1 @@
+"""Infrastructure: the local stack (`infra.stack`), compose and KubeRay manifests."""
