@@ -30,11 +30,14 @@ MASK = "****"
 SECRET_WORDS = ("key", "token", "password", "secret")
 
 
-def _s(help: str, env: str, default: Any = None, *, deploy: bool = False, secret: bool = False) -> Any:
-    """A settings field: `env` is the variable it is read from; `deploy` marks the variables a
-    production deployment must set for every process that runs goalrank code (checked against
-    infra/compose.yaml and infra/k8s by tests/test_infra_manifests.py)."""
-    return field(default=default, metadata={"help": help, "env": env, "deploy": deploy, "secret": secret})
+def _s(help: str, env: str, default: Any = None, *, deploy: bool = False, secret: bool = False,
+       aliases: tuple[str, ...] = ()) -> Any:
+    """A settings field: `env` is the variable it is read from (then `aliases`, in order);
+    `deploy` marks the variables a production deployment must set for every process that runs
+    goalrank code (checked against infra/compose.yaml and infra/k8s by
+    tests/test_infra_manifests.py)."""
+    return field(default=default, metadata={"help": help, "env": env, "aliases": aliases, "deploy": deploy,
+                                            "secret": secret})
 
 
 @dataclass
@@ -55,12 +58,14 @@ class Settings:
                                   "GOALRANK_RAY_NUM_CPUS")
     schedule_cron: str = _s("cron of the daily deployment", "GOALRANK_SCHEDULE_CRON", "0 3 * * *")
     schedule_timezone: str = _s("time zone of the cron", "GOALRANK_SCHEDULE_TIMEZONE", "UTC")
-    s3_endpoint_url: str | None = _s("S3 endpoint for non-AWS stores (MinIO, moto)", "AWS_ENDPOINT_URL_S3", deploy=True)
+    s3_endpoint_url: str | None = _s("S3 endpoint for non-AWS stores (MinIO, moto)", "AWS_ENDPOINT_URL_S3", deploy=True,
+                                     aliases=("AWS_ENDPOINT_URL",))
     mlflow_s3_endpoint_url: str | None = _s("S3 endpoint MLflow uses for artifacts it reads or writes itself",
                                             "MLFLOW_S3_ENDPOINT_URL", deploy=True)
-    aws_region: str = _s("S3 region", "AWS_DEFAULT_REGION", "us-east-1", deploy=True)
+    aws_region: str = _s("S3 region", "AWS_DEFAULT_REGION", "us-east-1", deploy=True, aliases=("AWS_REGION",))
     aws_access_key_id: str | None = _s("S3 access key id", "AWS_ACCESS_KEY_ID", deploy=True, secret=True)
     aws_secret_access_key: str | None = _s("S3 secret key", "AWS_SECRET_ACCESS_KEY", deploy=True, secret=True)
+    aws_session_token: str | None = _s("temporary S3 session token", "AWS_SESSION_TOKEN", secret=True)
 
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -102,7 +107,19 @@ _FIELDS: dict[str, Mapping[str, Any]] = {f.name: f.metadata for f in fields(Sett
 # Every variable the code reads for settings; tests check the manifests against these.
 ENV_VARS: dict[str, str] = {name: meta["env"] for name, meta in _FIELDS.items()}
 DEPLOY_ENV_VARS: tuple[str, ...] = tuple(meta["env"] for meta in _FIELDS.values() if meta["deploy"])
+ENV_ALIASES: dict[str, tuple[str, ...]] = {name: tuple(meta["aliases"]) for name, meta in _FIELDS.items()}
 _INT_FIELDS = ("ray_num_cpus",)
+
+# Resource knobs read where they act (often inside Ray workers), from the environment only;
+# not Settings fields because nothing about a run's location depends on them.
+TUNING_ENV_VARS: dict[str, str] = {
+    "GOALRANK_RAY_TMPDIR": "temp folder of a local Ray runtime (default Ray's own)",
+    "GOALRANK_RAY_ACTOR_CPUS": "CPUs per Ray Data actor (default 0.5: leaves room for read tasks)",
+    "GOALRANK_DATA_ACTORS": "actors per Ray Data actor pool (default 2)",
+    "GOALRANK_POLICY_TASK_CPUS": "CPUs of the policy-training task (default 1)",
+    "GOALRANK_TRAIN_MAX_FAILURES": "Ray Train FailureConfig.max_failures (default 1)",
+    "GOALRANK_USE_GPU": "0 keeps everything on CPU even where a GPU exists",
+}
 
 
 def is_secret(name: str) -> bool:
@@ -162,10 +179,11 @@ def resolve_settings(
     values = defaults(workspace)
     sources: dict[str, str] = {}
     for name, meta in _FIELDS.items():
+        var = next((v for v in (meta["env"], *meta["aliases"]) if env.get(v)), None)
         if cli.get(name) is not None:
             values[name], sources[name] = _parse(name, cli[name], "flag"), f"flag --{name.replace('_', '-')}"
-        elif env.get(meta["env"]):
-            values[name], sources[name] = _parse(name, env[meta["env"]], f"env {meta['env']}"), f"env {meta['env']}"
+        elif var:
+            values[name], sources[name] = _parse(name, env[var], f"env {var}"), f"env {var}"
         elif file_settings.get(name) is not None:
             values[name], sources[name] = _parse(name, file_settings[name], file_name), f"file {file_name}"
     if _is_local_path(values["storage"]):

@@ -153,7 +153,7 @@ class PolicyConfig:
     emb_dim: int = _help("width of the item embeddings factorised from training positives", 32)
     mmr_lambda: float = _help("MMR trade-off: 1 = relevance only, 0 = diversity only", 0.7)
     mmr_similarity: str = _help("MMR similarity: category, embedding or auto (category if any)", "auto")
-    mmr_relevance: str = _help("score policy giving MMR's relevance: popularity, ctr, history or dnn", "popularity")
+    mmr_relevance: str = _help("score policy giving MMR's relevance: popularity, ctr, history or dnn", "dnn")
     dnn_dim: int = _help("embedding width of the point-wise DNN", 32)
     dnn_hidden: int = _help("hidden width of the point-wise DNN's MLP", 64)
     prm_d_model: int = _help("width of the PRM re-scorer", 32)

@@ -181,7 +181,7 @@ def _fit(model: nn.Module, n_train: int, cfg: TrainConfig, epochs: int, step_los
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             seen += len(idx)
         dt = time.perf_counter() - t0
         val = validate() if validate is not None else float("nan")

@@ -43,15 +43,16 @@ def _run(world, run_id, margin=0.0, **extra_overrides):
         overrides={**TINY_OVERRIDES, **extra_overrides}, promotion_margin=margin)
 
 
-def test_flow_registers_promotes_and_reruns_without_duplicates(world, capsys):
+def test_flow_registers_promotes_and_reruns_without_duplicates(world):
     from mlflow import MlflowClient
 
     client = MlflowClient(world["tracking_uri"])
+    from flows.daily import format_summary
+
     first = _run(world, "day-1")
-    out = capsys.readouterr().out
     assert first["registered_version"] == "1" and first["newly_registered"]
     assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
-    assert client.get_model_version_by_alias(world["model_name"], "champion").version == "1"
+    assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == "1"
     stages = [s["stage"] for s in first["stages"]]
     assert stages == ["prepare", "train_reward_model", "train_policies", "generate_candidates r1", "score r1",
                       "train_generator r1", "evaluate"]
@@ -59,8 +60,10 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world, capsys):
     policies = {r["policy"] for r in first["metrics"]}
     assert "goalrank" in policies and len(policies) > 1  # GoalRank against baselines
     assert all(0.0 <= r["value"] <= 1.0 for r in first["metrics"])
-    # The end-of-run report: metrics table, registered version and decision.
-    assert "valid metrics" in out and "registered: goalrank-flow version 1" in out and "PROMOTED" in out
+    # The end-of-run report (the flow prints it): metrics table, stages, version, decision.
+    report = format_summary(first)
+    assert "valid metrics" in report and "train_generator r1" in report
+    assert "registered: goalrank-flow version 1" in report and "PROMOTED" in report
 
     # MLflow: params, per-epoch metrics, stage timings, plots, evaluation table, the model.
     run = client.get_run(first["mlflow_run_id"])
@@ -90,13 +93,15 @@ def test_champion_moves_only_when_no_worse(world):
     assert worse["newly_registered"] and not d["promoted"]
     assert d["challenger_value"] < d["champion_value"] + 1.0
     assert client.get_model_version_by_alias(world["model_name"], "champion").version == champ_before
-    assert client.get_model_version_by_alias(world["model_name"], "challenger").version == worse["registered_version"]
+    assert str(client.get_model_version_by_alias(world["model_name"], "challenger").version) == \
+        worse["registered_version"]
     # The same run again with a margin that tolerates any loss: nothing retrained, no new
     # version, and now the champion moves to it.
     better = _run(world, "day-2", margin=-1.0, **{"train.seed": 1})
     assert all(s["skipped"] for s in better["stages"]) and not better["newly_registered"]
     assert better["registered_version"] == worse["registered_version"] and better["decision"]["promoted"]
-    assert client.get_model_version_by_alias(world["model_name"], "champion").version == worse["registered_version"]
+    assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == \
+        worse["registered_version"]
 
 
 def test_bad_config_fails_before_any_stage(world):

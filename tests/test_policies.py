@@ -220,13 +220,15 @@ def test_logged_policy_returns_shown_and_rejects_missing():
 
 
 def test_registry_builds_by_name_and_reports_what_is_missing():
-    res = PolicyResources(config=PolicyConfig(auxiliary="popularity,mmr,history,random"), stats=STATS)
+    res = PolicyResources(config=PolicyConfig(auxiliary="popularity,mmr,history,random", mmr_relevance="history"), stats=STATS)
     assert [p.name for p in build_auxiliary(res)] == ["popularity", "mmr", "history", "random"]
     assert isinstance(build_policy("first-stage", res), ScorePolicy)
     with pytest.raises(GoalRankInputError, match="unknown policy 'nope'"):
         build_policy("nope", res)
     with pytest.raises(GoalRankInputError, match="needs pointwise"):
         build_policy("dnn", res)
+    with pytest.raises(GoalRankInputError, match="policy 'dnn' needs pointwise"):
+        build_policy("mmr", PolicyResources(stats=STATS))  # default relevance: the DNN
     with pytest.raises(GoalRankInputError, match="needs stats"):
         build_policy("popularity", PolicyResources())
     with pytest.raises(ConfigError, match="policies.auxiliary"):

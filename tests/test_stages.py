@@ -24,7 +24,7 @@ TINY = {
     "protocol.max_users": 40, "reward.d_model": 16, "reward.n_layers": 1, "reward.n_heads": 2,
     "generator.d_model": 16, "generator.n_layers": 1, "generator.n_heads": 2,
     "train.reward_epochs": 3, "train.epochs": 2, "train.aux_epochs": 1, "train.batch_size": 64,
-    "group.size": 8, "group.generator_samples": 3, "policies.dnn_dim": 8, "policies.dnn_hidden": 16,
+    "group.size": 16, "group.generator_samples": 3, "policies.dnn_dim": 8, "policies.dnn_hidden": 16,
     "policies.prm_d_model": 8, "policies.emb_dim": 8,
 }
 
@@ -55,7 +55,7 @@ def check_outputs(r: dict) -> None:
     groups = storage.read_table(storage.join(r["candidates"].uri, "groups"), CANDIDATE_GROUPS, "groups")
     assert sorted(groups.column("request_id").to_pylist()) == sorted(train.column("request_id").to_pylist())
     sizes = [len(g) for g in groups.column("lists").to_pylist()]
-    assert 2 <= min(sizes) and max(sizes) <= 8
+    assert 2 <= min(sizes) and max(sizes) <= 16
     cands = dict(zip(train.column("request_id").to_pylist(), train.column("candidates").to_pylist()))
     for rid, lists in zip(groups.column("request_id").to_pylist()[:50], groups.column("lists").to_pylist()[:50]):
         assert all(len(set(lst)) == len(lst) == 6 and set(lst) <= set(cands[rid]) for lst in lists)

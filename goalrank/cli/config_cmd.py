@@ -24,7 +24,9 @@ def register(subparsers) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from goalrank.settings import ENV_VARS, cli_values, load
+    import os
+
+    from goalrank.settings import ENV_VARS, TUNING_ENV_VARS, cli_values, load
 
     settings, model = load(args.config, cli_values(args))
     masked = settings.masked()
@@ -33,6 +35,7 @@ def _show(args: argparse.Namespace) -> int:
             "settings": {k: {"value": v, "source": settings.source_of(k), "env": ENV_VARS[k]} for k, v in masked.items()},
             "model_config": model.to_dict(),
             "config_hash": model.hash(),
+            "tuning_env": {k: os.environ.get(k) for k in TUNING_ENV_VARS},
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -41,6 +44,9 @@ def _show(args: argparse.Namespace) -> int:
     for name, value in masked.items():
         shown = "-" if value is None else value
         print(f"  {name:<{width}}  {shown}   [{settings.source_of(name)}]")
+    print("tuning (env only, read where it acts):")
+    for var, help in TUNING_ENV_VARS.items():
+        print(f"  {var:<28} {os.environ.get(var) or '-':<6} {help}")
     print(f"model config (hash {model.hash()}):")
     for section, values in model.to_dict().items():
         for key, value in values.items():

@@ -1,0 +1,88 @@
+"""Shared set-up of the stage benchmarks: ML-100K prepared through the real `prepare` stage,
+a reward-model stage with an untrained model (throughput does not depend on the weights),
+and candidate groups of |B| random lists per training request written as a completed stage."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.schemas import CANDIDATE_GROUPS
+from tasks import storage
+from tasks._data import load_bundle, save_bundle
+from tasks.stages import DataSource, prepare, stage_uri
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+MODES = {
+    # requests: ~13.5k train requests on all 943 users; quick keeps 300 users (~4.3k).
+    "quick": {"protocol.max_users": 300, "train.epochs": 2},
+    "full": {"protocol.max_users": 0, "train.epochs": 3},
+}
+
+
+def config(mode: str, **extra) -> GoalRankConfig:
+    return GoalRankConfig().override({**MODES[mode], **extra})
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def prepared(root: str, cfg: GoalRankConfig) -> str:
+    return prepare(DataSource(dataset="ml-100k"), stage_uri(root, "ml-100k", "bench", "prepare"), cfg).uri
+
+
+def untrained_reward(root: str, prep: str, cfg: GoalRankConfig) -> str:
+    """A completed reward stage holding a freshly initialised reward model (seeded)."""
+    from goalrank_core.trainer import set_seed
+
+    def body(out: str) -> dict:
+        bundle = load_bundle(storage.join(prep, "vocab"), "bench vocab")
+        set_seed(cfg.train.seed)
+        bundle.add("reward", "reward", bundle.build("reward").eval())
+        return {"models": {"model": save_bundle(bundle, storage.join(out, "model"))}}
+
+    return storage.run_stage(stage_uri(root, "ml-100k", "bench", "reward-untrained"), "reward", cfg,
+                             {"prepared": prep}, body).uri
+
+
+def random_groups(root: str, prep: str, cfg: GoalRankConfig) -> str:
+    """A completed candidates stage: |B| distinct random lists of L candidates per request."""
+
+    def body(out: str) -> dict:
+        train = storage.read_table(storage.join(prep, "train"), None, "bench train")
+        rng = np.random.default_rng(cfg.train.seed)
+        L, G = cfg.protocol.slate_len, cfg.group.size
+        lists = []
+        for cands in train.column("candidates").to_pylist():
+            c = np.asarray(cands)
+            lists.append([rng.permutation(c)[:L].tolist() for _ in range(G)])
+        table = pa.table({"request_id": train.column("request_id"),
+                          "lists": pa.array(lists, CANDIDATE_GROUPS.field("lists").type),
+                          "policies": pa.array([["random"] * G] * len(lists), CANDIDATE_GROUPS.field("policies").type)})
+        rows = storage.write_table(table, storage.join(out, "groups"), CANDIDATE_GROUPS, "bench groups")
+        return {"tables": {"groups": storage.table_entry(CANDIDATE_GROUPS, rows)}}
+
+    return storage.run_stage(stage_uri(root, "ml-100k", "bench", "candidates-random"), "candidates", cfg,
+                             {"prepared": prep}, body).uri
+
+
+def write_result(name: str, mode: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}_{mode}.json"
+    result = {"benchmark": name, "mode": mode, "machine": machine(),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+    print(json.dumps(result, indent=2, sort_keys=True, default=float))
+    return path
