@@ -155,7 +155,7 @@ def decide(
 
     def result(promoted: bool, reason: str, champ_value: float | None = None) -> Decision:
         return Decision(str(mv.version), promoted, reason, metric, value,
-                        champ.version if champ else None, champ_value, margin)
+                        str(champ.version) if champ else None, champ_value, margin)
 
     if value is None:
         return result(False, f"version {mv.version} has no '{metric_tag(metric)}' tag (not evaluated)")
@@ -202,11 +202,11 @@ def promote(
     if (mv.tags or {}).get(TAG_EVALUATED) != "true":
         champ = get_alias(client, name, CHAMPION)
         return Decision(str(mv.version), False, "version has no evaluation; never promoted", metric,
-                        None, champ.version if champ else None, None, margin)
+                        None, str(champ.version) if champ else None, None, margin)
     if force:
         champ = get_alias(client, name, CHAMPION)
         d = Decision(str(mv.version), True, "forced", metric, version_metric(mv, metric),
-                     champ.version if champ else None, version_metric(champ, metric) if champ else None, margin)
+                     str(champ.version) if champ else None, version_metric(champ, metric) if champ else None, margin)
     else:
         d = decide(client, name, str(mv.version), metric, margin, reevaluate)
     if d.promoted:

@@ -224,17 +224,35 @@ def train_prm(train: EncodedRequests, valid: EncodedRequests | None, model: PRM,
 # ---------------------------------------------------------------- policies
 
 
+def _cache_key(model: nn.Module, batch: RequestBatch) -> tuple:
+    # The batch's very tensors (not copies) and every version counter: an in-place edit of the
+    # batch or an optimiser step on the model invalidates the entry.
+    return (tuple(batch), tuple(t._version for t in batch), tuple(p._version for p in model.parameters()))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(x is y for x, y in zip(a[0], b[0])) and a[1:] == b[1:]
+
+
 def model_scores(model: nn.Module) -> Callable[[RequestBatch], torch.Tensor]:
-    """A score function running `model` in eval mode (restoring its mode afterwards)."""
+    """A score function running `model` in eval mode (restoring its mode afterwards). The
+    last batch's scores are kept on the model, so 'dnn', 'dnn-pl' and MMR over the DNN proposing
+    for the same batch (a group, G-E) run the model once."""
 
     def score(batch: RequestBatch) -> torch.Tensor:
+        key = _cache_key(model, batch)
+        hit = model.__dict__.get("_last_scores")  # a plain attribute: not in state_dict
+        if hit is not None and _same(hit[0], key):
+            return hit[1]
         was = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return model(batch.to(_device(model))).to(batch.candidates.device)
+                out = model(batch.to(_device(model))).to(batch.candidates.device)
         finally:
             model.train(was)
+        model.__dict__["_last_scores"] = (key, out)
+        return out
 
     return score
 

@@ -37,6 +37,13 @@ _POINTERS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "GOALRANK_
              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE")
 
 
+# Ray rewrites `--node-ip-address 127.0.0.1` to the host's outward IP and then binds its
+# servers there or on every interface. Its single-machine mode (the switch is named for the
+# platforms where that is the default) keeps the node on loopback. Drivers need it too, to
+# find the node by that address: it goes into the env file.
+_RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 class StackError(RuntimeError):
     """A service did not start, or the stack is in a state `up`/`down` cannot handle."""
 
@@ -88,7 +95,8 @@ class LocalStack:
 
     def __init__(self, workdir: str | Path, ports: StackPorts | None = None, *, bucket: str = "goalrank",
                  mlflow_bucket: str = "goalrank-mlflow", ray_num_cpus: int | None = None,
-                 ray_object_store_mb: int = 512, ray_dashboard: bool = False, timeout_s: float = 240.0):
+                 ray_object_store_mb: int = 512, ray_dashboard: bool = False, timeout_s: float = 240.0,
+                 services: tuple[str, ...] = SERVICES):
         self.workdir = Path(workdir).resolve()
         self.ports = ports or StackPorts.from_env()
         self.bucket, self.mlflow_bucket = bucket, mlflow_bucket
@@ -96,6 +104,12 @@ class LocalStack:
         self.ray_object_store_mb = ray_object_store_mb
         self.ray_dashboard = ray_dashboard
         self.timeout_s = timeout_s
+        unknown = set(services) - set(SERVICES)
+        if unknown:
+            raise StackError(f"unknown service(s) {sorted(unknown)}; known: {', '.join(SERVICES)}")
+        self.services = tuple(n for n in SERVICES if n in services)  # start order: S3 first
+        if "mlflow" in self.services and "s3" not in self.services:
+            raise StackError("the MLflow server keeps its artifacts in S3: start s3 with it")
         self.state_file = self.workdir / "state.json"
         self.env_file = self.workdir / "env"
         self.log_dir = self.workdir / "logs"
@@ -104,6 +118,7 @@ class LocalStack:
             self._state = json.loads(self.state_file.read_text())
             self.ports = StackPorts(**self._state["ports"])
             self.bucket, self.mlflow_bucket = self._state["buckets"]
+            self.services = tuple(self._state["services"])
 
     # --- public API --------------------------------------------------------------------
 
@@ -152,7 +167,7 @@ class LocalStack:
         self._write_env(creds)
         try:
             base = self._child_env(creds)
-            for name in SERVICES:  # all start at once; each is checked below
+            for name in self.services:  # all start at once; each is checked below
                 self._start(name, self._argv(name, ray_tmp), base)
             self._save()
             self._wait_healthy(t0, creds)
@@ -209,6 +224,10 @@ class LocalStack:
             return {}
         return {n: _session_pids(s["pid"], s["start_time"]) for n, s in self._state["services"].items()}
 
+    def listening(self) -> dict[str, list[tuple[str, int]]]:
+        """(address, port) of every listening TCP socket each service's processes hold."""
+        return {n: listening_sockets(p) for n, p in self.pids().items()}
+
     def status(self) -> dict[str, dict]:
         """Per service: pid, url, healthy (through its own API), rss_mb of its processes."""
         if not self._state:
@@ -259,6 +278,7 @@ class LocalStack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
             "RAY_USAGE_STATS_ENABLED": "0",
+            **_RAY_LOOPBACK,
             "PYTHONUNBUFFERED": "1",
             # MLflow 3's server also starts a job runner and seven huey consumers (GenAI jobs,
             # about 800 MB) that this pipeline never uses.
@@ -267,19 +287,18 @@ class LocalStack:
         return env
 
     def _write_env(self, creds: dict[str, str]) -> None:
-        u = self.urls()
-        values = {
-            "PREFECT_API_URL": u["prefect"],
-            "PREFECT_HOME": str(self.workdir / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_TRACKING_URI": u["mlflow"],
-            "RAY_ADDRESS": u["ray"],
-            "GOALRANK_STORAGE": f"s3://{self.bucket}/pipeline",
-            **creds,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_ENDPOINT_URL_S3": u["s3"],
-            "MLFLOW_S3_ENDPOINT_URL": u["s3"],
-        }
+        u, on = self.urls(), self.services
+        values: dict[str, str] = {}
+        if "prefect" in on:
+            values.update(PREFECT_API_URL=u["prefect"], PREFECT_HOME=str(self.workdir / "prefect"),
+                          PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        if "mlflow" in on:
+            values["MLFLOW_TRACKING_URI"] = u["mlflow"]
+        if "ray" in on:
+            values.update(RAY_ADDRESS=u["ray"], **_RAY_LOOPBACK)
+        if "s3" in on:
+            values.update(GOALRANK_STORAGE=f"s3://{self.bucket}/pipeline", **creds, AWS_DEFAULT_REGION=REGION,
+                          AWS_ENDPOINT_URL_S3=u["s3"], MLFLOW_S3_ENDPOINT_URL=u["s3"])
         lines = ["# Written by infra/local-stack up: `source .stack/env` points goalrank at the local stack.",
                  "# Holds the stack's (throw-away) S3 credentials: do not commit or log it."]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
@@ -296,7 +315,7 @@ class LocalStack:
                                          "log": str(self.log_dir / f"{name}.log")}
 
     def _wait_healthy(self, t0: float, creds: dict[str, str]) -> None:
-        waiting = list(SERVICES)
+        waiting = list(self.services)
         deadline = t0 + self.timeout_s
         while waiting:
             for name in list(waiting):
@@ -350,7 +369,7 @@ class LocalStack:
 
     def _check_ports_free(self) -> None:
         for name, port in asdict(self.ports).items():
-            if _port_open(port):
+            if name.split("_")[0] in self.services and _port_open(port):
                 raise StackError(f"port {port} ({name}) on 127.0.0.1 is in use: "
                                  f"set GOALRANK_STACK_{name.upper()}_PORT to another port")
 
@@ -409,6 +428,45 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
         os.killpg(pid, sig) if group else os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
+    """Listening TCP sockets (IPv4 and IPv6) held by these processes, from /proc."""
+    inodes: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = cols[1].split(":")
+            inodes[cols[9]] = (_decode_ip(hex_ip), int(hex_port, 16))
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                out.add(inodes[link[8:-1]])
+    return sorted(out)
+
+
+def _decode_ip(hex_ip: str) -> str:
+    raw = bytes.fromhex(hex_ip)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc stores IPv6 as four little-endian 32-bit words
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
 
 
 def _rss_bytes(pid: int) -> int:

@@ -25,6 +25,16 @@ N_ITEMS, SIGNAL = 30, 2
 CFG = PolicyConfig(dnn_dim=16, dnn_hidden=32, prm_d_model=16, prm_heads=2, dropout=0.0, emb_dim=4, unshown_weight=0.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two
+    threads per process make these tests 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def synth(r: int, context: bool, seed: int, n: int = 8, L: int = 4) -> EncodedRequests:
     """Requests of n candidates, L of them shown. Without context an item's click depends on
     the item alone; with context, 'good' items are clicked only when the SIGNAL item is among
@@ -216,3 +226,24 @@ def test_unshown_negatives_teach_the_dnn_to_rank_shown_items_first():
         top = pointwise_policy(model).propose(data.batch(slice(None)), 1)[:, 0].numpy()
         shares[w] = watched[np.take_along_axis(data.candidates, top, 1)].mean()
     assert shares[1.0] > 0.95 and shares[1.0] > shares[0.0] + 0.2, shares
+
+
+def test_policies_over_one_model_share_its_scores_for_the_same_batch():
+    model = dnn()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    res_cfg = PolicyConfig(dnn_dim=16, dnn_hidden=32, pl_lists=2)
+    data = synth(8, False, 0)
+    batch = data.batch(slice(None))
+    sorted_lists = pointwise_policy(model, res_cfg).propose(batch, 1)
+    pointwise_policy(model, res_cfg, sample=True).propose(batch, 2, torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    pointwise_policy(model, res_cfg).propose(data.batch(slice(None)), 1)  # new tensors: recomputed
+    assert len(calls) == 2
+    batch.candidates[:, [0, 1]] = batch.candidates[:, [1, 0]]  # in-place edit: recomputed
+    swapped = pointwise_policy(model, res_cfg).propose(batch, 1)
+    assert len(calls) == 3 and not torch.equal(swapped, sorted_lists)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an in-place update, as an optimiser step makes
+    pointwise_policy(model, res_cfg).propose(batch, 1)
+    assert len(calls) == 4

@@ -26,12 +26,19 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_harness, ray_session):
+    # One Ray Data actor per pool: on 2 cores a second one only adds start-up time and memory.
+    saved = os.environ.get("GOALRANK_DATA_ACTORS")
+    os.environ["GOALRANK_DATA_ACTORS"] = "1"
     root = tmp_path_factory.mktemp("flow")
     impressions, items = synth_source(root / "data")
-    return {
+    yield {
         "impressions": str(impressions), "items": str(items), "storage": str(root / "storage"),
         "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "flow-test", "model_name": "goalrank-flow",
     }
+    if saved is None:
+        os.environ.pop("GOALRANK_DATA_ACTORS", None)
+    else:
+        os.environ["GOALRANK_DATA_ACTORS"] = saved
 
 
 def _run(world, run_id, margin=0.0, **extra_overrides):
@@ -82,6 +89,7 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world):
     assert len(client.search_model_versions(f"name = '{world['model_name']}'")) == 1
 
 
+@pytest.mark.slow  # a second full training run (~2-3 min on 2 cores)
 def test_champion_moves_only_when_no_worse(world):
     from mlflow import MlflowClient
 
@@ -126,3 +134,30 @@ def test_transient_failures_are_retried_and_validation_errors_are_not():
     assert not is_transient(ValueError("bug"))
     ray_like = type("ActorDiedError", (RuntimeError,), {})
     assert is_transient(ray_like("actor died"))
+
+
+def test_cli_flow_parameters_parse_overrides_and_carry_no_credentials(tmp_path, monkeypatch):
+    import json
+
+    from goalrank.cli import build_parser
+    from goalrank.cli.pipeline_cmd import flow_parameters
+    from goalrank_core.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:pw-do-not-leak@db:5432/mlflow")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFLOWTEST0000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-do-not-leak")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("settings: {experiment: from-file}\ngroup: {size: 7}\n")
+    args = build_parser().parse_args(["run", "--impressions", "logs.parquet", "--config", str(cfg), "--set",
+                                      "train.epochs=2", "--set", "train.lr=1e-3", "--run-id", "r1"])
+    params = flow_parameters(args)
+    assert params["overrides"] == {"train.epochs": 2, "train.lr": 0.001}
+    assert params["config"] == {"group": {"size": 7}} and params["experiment"] == "from-file"
+    assert params["storage"] == str(tmp_path / "artifacts")
+    assert "tracking_uri" not in params  # holds a password: the flow reads it from the environment
+    blob = json.dumps(params)
+    assert "pw-do-not-leak" not in blob and "fake-secret" not in blob and "AKIAFAKE" not in blob
+    bad = build_parser().parse_args(["run", "--dataset", "ml-100k", "--set", "group.sise=3"])
+    with pytest.raises(ConfigError, match="group.sise"):
+        flow_parameters(bad)

@@ -76,7 +76,13 @@ def listen_ports(name: str, svc: dict) -> set[int]:
     return ports
 
 
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:?message} substitution, with a stand-in value."""
+    return re.sub(r"\$\{([A-Z_]+)(?::?[?-][^}]*)?\}", lambda m: m.group(1).lower(), value)
+
+
 def host_port(value: str) -> tuple[str, int] | None:
+    value = interpolate(value)
     if "://" in value:
         parts = urlsplit(value)
         return (parts.hostname, parts.port) if parts.hostname and parts.port else None
@@ -114,7 +120,7 @@ def test_compose_urls_point_at_ports_their_service_listens_on():
     checked = 0
     for name, svc in services.items():
         for key, value in env_of(svc).items():
-            hp = host_port(value.rsplit("@", 1)[-1] if "@" in value and "://" not in value else value)
+            hp = host_port(value)
             if hp is None or hp[0] not in services:
                 continue
             host, port = hp

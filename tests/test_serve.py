@@ -72,6 +72,7 @@ def prefect_server(tmp_path):
         _stop(proc)
 
 
+@pytest.mark.slow  # Prefect server + a whole flow run in the served process: ~3 min on 2 cores
 def test_serve_registers_cron_deployment_and_runs_with_api_parameters(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -80,6 +81,7 @@ def test_serve_registers_cron_deployment_and_runs_with_api_parameters(prefect_se
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "prefect-client-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GOALRANK_RAY_NUM_CPUS": "2",
            "GOALRANK_RAY_TMPDIR": f"/tmp/grray-serve-{os.getpid()}", "RAY_AUTH_MODE": "disabled",
+           "GOALRANK_DATA_ACTORS": "1",
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", "import sys; from goalrank.cli import main; sys.exit(main())",
            "serve", "--name", DEPLOYMENT, "--cron", CRON, "--impressions", str(impressions), "--items", str(items),

@@ -68,7 +68,9 @@ def check_outputs(r: dict) -> None:
     scored = storage.read_table(storage.join(r["score"].uri, "groups"), SCORED_GROUPS, "scored")
     for lists, rew, pi in zip(*(scored.column(c).to_pylist() for c in ("lists", "rewards", "pi_ref"))):
         assert len(lists) == len(rew) == len(pi)
-        assert abs(sum(pi) - 1) < 1e-4 and all(0 <= x <= 1 for x in rew)
+        # reward = DCG-weighted click probabilities over L=6 positions: in [0, sum 1/log2(k+2)]
+        assert abs(sum(pi) - 1) < 1e-4 and all(0 <= x <= 2.95 for x in rew)
+        assert int(np.argmax(pi)) == int(np.argmax(rew))
 
     for stage in ("reward", "generator"):
         epochs = r[stage].manifest["training"]["epochs"]
