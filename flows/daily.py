@@ -277,7 +277,7 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
         mv, created = registry.register(
             client, model_name, source, run.info.run_id, run_id, cfg.hash(), values,
             tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
-                  "goalrank.storage_prefix": tracking.redact_uri(str(Path(prep["uri"]).parent))},
+                  "goalrank.storage_prefix": tracking.redact_uri(_storage().parent(prep["uri"]))},
         )
         return {"mlflow_run_id": run.info.run_id, "version": str(mv.version), "created": created,
                 "data_version": dv, "metrics": metrics.to_pylist()}

@@ -310,7 +310,7 @@ def log_ranker(bundle_uri: str, example: pd.DataFrame) -> str:
         signature = infer_signature(example, model.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=model,
+            python_model=str(Path(__file__).with_name("ranker_model.py")),  # model from code: no pickle
             artifacts={BUNDLE_ARTIFACT: bundle_dir},
             signature=signature,
             input_example=example,

@@ -100,6 +100,10 @@ class GoalRankGenerator(nn.Module):
         """lists (B, G, L) -> (B, G) log pi_theta(list), all steps in one batched pass."""
         return self.step_log_probs(batch, lists, enc).sum(-1)
 
+    def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """= log_prob; training calls the module itself so DDP wrappers sync gradients."""
+        return self.log_prob(batch, lists)
+
     # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -49,6 +49,10 @@ class RewardModel(nn.Module):
         # Skip connection from the item's own encoding keeps the point-wise signal direct.
         return self.head(torch.cat([h, items], dim=-1)).squeeze(-1)
 
+    def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """= logits; training calls the module itself so DDP wrappers sync gradients."""
+        return self.logits(batch, lists)
+
     def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
         """(B, G, L) -> (B, G, L) click probabilities, 0 at -1 entries."""
         return torch.sigmoid(self.logits(batch, lists)) * (lists >= 0).to(torch.float32)
@@ -64,7 +68,11 @@ class RewardModel(nn.Module):
         if lists is None:
             lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
         assert labels is not None
-        logit = self.logits(batch, lists)
-        mask = (lists >= 0).to(logit.dtype)
-        loss = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype), reduction="none")
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        return masked_bce(self(batch, lists), lists, labels)
+
+
+def masked_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of (B, G, L) logits against labels over the non-empty (>= 0) positions."""
+    mask = (lists >= 0).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).clamp(0, 1), reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)

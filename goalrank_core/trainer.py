@@ -21,6 +21,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
 from goalrank_core.group import group_relative_loss
+from goalrank_core.reward_model import masked_bce
 
 Log = Callable[[str], None]
 
@@ -79,13 +80,13 @@ def augment_lists(batch: RequestBatch, n: int, gen: torch.Generator | None = Non
 
 
 def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
-    """BCE on the logged list, plus `augment` lists mixing in unshown candidates."""
-    if augment <= 0:
-        return model.bce_loss(batch)
-    extra, extra_labels = augment_lists(batch, augment, gen)
-    lists = torch.cat([batch.shown[:, None, :], extra], dim=1)
-    labels = torch.cat([batch.labels[:, None, :], extra_labels], dim=1)
-    return model.bce_loss(batch, lists, labels)
+    """BCE on the logged list, plus `augment` lists mixing in unshown candidates.
+    Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
+    lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
+    if augment > 0:
+        extra, extra_labels = augment_lists(batch, augment, gen)
+        lists, labels = torch.cat([lists, extra], dim=1), torch.cat([labels, extra_labels], dim=1)
+    return masked_bce(model(batch, lists), lists, labels)
 
 
 def positive_lists(batch: RequestBatch) -> torch.Tensor:
@@ -101,7 +102,7 @@ def supervised_list_loss(model: nn.Module, batch: RequestBatch) -> torch.Tensor:
     requests that have at least one positive."""
     lists = positive_lists(batch)
     has = (lists[:, 0, 0] >= 0).to(torch.float32)  # (B,)
-    logp = model.log_prob(batch, lists)[:, 0]  # (B,)
+    logp = model(batch, lists)[:, 0]  # (B,) model(...) = log_prob, DDP-safe
     return -(logp * has).sum() / has.sum().clamp(min=1)
 
 
@@ -109,16 +110,17 @@ def generator_group_loss(model: nn.Module, batch: RequestBatch, lists: torch.Ten
                          mask: torch.Tensor, supervised_weight: float = 0.0) -> torch.Tensor:
     """Group-relative cross-entropy -sum pi_ref log pi_theta (mean over requests), lists
     (B, G, L), pi_ref (B, G), mask (B, G); plus supervised_weight * supervised_list_loss.
-    The candidate encoding is computed once and shared by both terms."""
-    enc = model.encode(batch)
-    lists = torch.where(mask[..., None], lists, torch.zeros_like(lists))  # masked slots: any valid list
-    loss = group_relative_loss(model.log_prob(batch, lists, enc), pi_ref, mask)
+    Both terms go through one `model(batch, lists)` call (one candidate encoding, and
+    DDP-safe: the model may be wrapped)."""
+    lists = torch.where(mask[..., None], lists, torch.full_like(lists, -1))  # masked slots: empty lists
     if supervised_weight > 0:
-        pos = positive_lists(batch)
+        pos = positive_lists(batch)  # (B, 1, L)
+        logp = model(batch, torch.cat([lists, pos], dim=1))  # (B, G + 1)
+        loss = group_relative_loss(logp[:, :-1], pi_ref, mask)
         has = (pos[:, 0, 0] >= 0).to(loss.dtype)
-        sup = -(model.log_prob(batch, pos, enc)[:, 0] * has).sum() / has.sum().clamp(min=1)
-        loss = loss + supervised_weight * sup
-    return loss
+        sup = -(logp[:, -1] * has).sum() / has.sum().clamp(min=1)
+        return loss + supervised_weight * sup
+    return group_relative_loss(model(batch, lists), pi_ref, mask)
 
 
 # -- validation measures (quick, for logging and best-epoch selection) -----------------------

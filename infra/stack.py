@@ -156,6 +156,9 @@ class LocalStack:
         self._check_ports_free()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
+        # moto keeps objects in memory, so an old MLflow database would list runs and model
+        # versions whose artifacts are gone: each `up` starts a fresh one (Prefect's stays).
+        (self.workdir / "mlflow.db").unlink(missing_ok=True)
         t0 = time.monotonic()
         ray_tmp = self._ray_temp_dir()
         self._state = {"ports": asdict(self.ports), "buckets": [self.bucket, self.mlflow_bucket],

@@ -19,22 +19,38 @@ def self_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _ppid(pid: str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces
+
+
 def _ray_workers_rss_mb() -> tuple[float, int]:
-    total, n = 0, 0
+    """Summed RSS of the `ray::` processes of the Ray this process started: their parent is a
+    raylet whose parent is us (other Ray instances on the machine are not counted)."""
+    me, total, n = os.getpid(), 0, 0
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return 0.0, 0
+    parents, workers = {}, []
     for pid in pids:
         try:
+            parents[pid] = _ppid(pid)
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read(5).startswith(b"ray::"):
-                    continue
+                if f.read(5).startswith(b"ray::"):
+                    workers.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended between listing and reading
+    for pid in workers:
+        raylet = str(parents.get(pid, -1))
+        if parents.get(raylet) != me:
+            continue
+        try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * _PAGE
             n += 1
         except (OSError, ValueError, IndexError):
-            continue  # the process ended between listing and reading
+            continue
     return total / 2**20, n
 
 

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from goalrank_core.config import GoalRankConfig
 from tasks import storage
+from tasks._data import load_bundle, read_dataset, save_bundle
 from tasks._memory import self_peak_mb
 
 
@@ -193,9 +195,7 @@ class TrainSpec:
         self.config_dict, self.epochs = config_dict, epochs
 
     @property
-    def config(self) -> Any:
-        from goalrank_core.config import GoalRankConfig
-
+    def config(self) -> GoalRankConfig:
         return GoalRankConfig.from_dict(self.config_dict)
 
 
@@ -265,3 +265,29 @@ def final_state(result: Any) -> dict:
     if state is None:
         raise RuntimeError("training finished without a checkpoint")
     return state
+
+
+def train_and_save(spec: TrainSpec, train_uri: str, out: str, stage: str, key: str, config: GoalRankConfig,
+                model_name: str, kind: str, vocab_uri: str, max_failures: int | None) -> dict:
+    """Shared driver of the training stages: fit on Ray Train, then save the best (else the
+    last) weights as a one-model bundle in `{out}/model`. -> what the manifest records."""
+    name = f"{stage}-{key}"
+    # Materialised once: every epoch then splits blocks already in the object store instead
+    # of reading storage again (seconds per epoch on a small machine).
+    train = read_dataset(train_uri, f"{stage}: training data").materialize()
+    result = fit(worker_loop, {"spec": spec}, {"train": train}, out, name, config.train.num_workers, max_failures)
+    state = final_state(result)
+    bundle = load_bundle(vocab_uri, f"{stage}: vocabulary")
+    bundle.config = config
+    model = bundle.build(kind)
+    model.load_state_dict(state["best"] if state.get("best") is not None else state["model"])
+    bundle.add(model_name, kind, model.eval())
+    saved = save_bundle(bundle, storage.join(out, "model"))
+    clear_checkpoints(out, name)
+    history = state["history"]
+    peak = max((h.get("worker_peak_rss_mb", 0.0) for h in history), default=None)
+    return {
+        "models": {"model": saved},
+        "training": {"epochs": history, "best_valid": state.get("best_val"), "num_workers": config.train.num_workers},
+        "memory": {"train_workers_peak_rss_mb": peak},
+    }

@@ -15,9 +15,8 @@ from goalrank_core.config import GoalRankConfig
 from tasks import storage
 from tasks._data import load_bundle
 from tasks._groups import RequestIndex, groups_to_positions
-from tasks._train import TrainSpec
+from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray
-from tasks.reward import train_model
 from tasks.storage import StageResult, run_stage, stage_fingerprint
 
 
@@ -91,7 +90,7 @@ def train_generator(scored: str, prepared: str, init: str | None, out: str, conf
 
     def body(out: str) -> dict:
         spec = GeneratorSpec(config.to_dict(), storage.normalize(prepared), storage.normalize(init) if init else None)
-        return train_model(spec, storage.join(scored, "groups"), out, "generator", key, config, "generator",
+        return train_and_save(spec, storage.join(scored, "groups"), out, "generator", key, config, "generator",
                            "generator", storage.join(prepared, "vocab"), max_failures)
 
     return run_stage(out, "generator", config, inputs, body)

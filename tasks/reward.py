@@ -11,8 +11,8 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from tasks import storage
-from tasks._data import load_bundle, read_dataset, save_bundle
-from tasks._train import TrainSpec, clear_checkpoints, final_state, fit, worker_loop
+from tasks._data import load_bundle
+from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray
 from tasks.storage import StageResult, run_stage, stage_fingerprint
 
@@ -56,32 +56,6 @@ class RewardSpec(TrainSpec):
         return mean_reward_loss(model, self.valid, 4 * self.config.train.batch_size)
 
 
-def train_model(spec: TrainSpec, train_uri: str, out: str, stage: str, key: str, config: GoalRankConfig,
-                model_name: str, kind: str, vocab_uri: str, max_failures: int | None) -> dict:
-    """Shared driver of the training stages: fit on Ray Train, then save the best (else the
-    last) weights as a one-model bundle in `{out}/model`. -> what the manifest records."""
-    name = f"{stage}-{key}"
-    # Materialised once: every epoch then splits blocks already in the object store instead
-    # of reading storage again (seconds per epoch on a small machine).
-    train = read_dataset(train_uri, f"{stage}: training data").materialize()
-    result = fit(worker_loop, {"spec": spec}, {"train": train}, out, name, config.train.num_workers, max_failures)
-    state = final_state(result)
-    bundle = load_bundle(vocab_uri, f"{stage}: vocabulary")
-    bundle.config = config
-    model = bundle.build(kind)
-    model.load_state_dict(state["best"] if state.get("best") is not None else state["model"])
-    bundle.add(model_name, kind, model.eval())
-    saved = save_bundle(bundle, storage.join(out, "model"))
-    clear_checkpoints(out, name)
-    history = state["history"]
-    peak = max((h.get("worker_peak_rss_mb", 0.0) for h in history), default=None)
-    return {
-        "models": {"model": saved},
-        "training": {"epochs": history, "best_valid": state.get("best_val"), "num_workers": config.train.num_workers},
-        "memory": {"train_workers_peak_rss_mb": peak},
-    }
-
-
 def train_reward_model(prepared: str, out: str, config: GoalRankConfig, *, max_failures: int | None = None) -> StageResult:
     """Stage 2: see the module docstring. `max_failures`: worker failures to recover from
     (default GOALRANK_TRAIN_MAX_FAILURES or 1)."""
@@ -91,7 +65,7 @@ def train_reward_model(prepared: str, out: str, config: GoalRankConfig, *, max_f
 
     def body(out: str) -> dict:
         spec = RewardSpec(config.to_dict(), storage.normalize(prepared))
-        return train_model(spec, storage.join(prepared, "train"), out, "reward", key, config, "reward", "reward",
+        return train_and_save(spec, storage.join(prepared, "train"), out, "reward", key, config, "reward", "reward",
                            storage.join(prepared, "vocab"), max_failures)
 
     return run_stage(out, "reward", config, inputs, body)

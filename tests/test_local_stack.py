@@ -16,7 +16,7 @@ import pytest
 from infra.stack import LocalStack, StackError, StackPorts, listening_sockets
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOPBACK = {"127.0.0.1", "::1"}
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -129,7 +129,7 @@ def test_full_stack_up_healthy_through_each_api_then_down(tmp_path):
         # Ray: a driver joins the head at RAY_ADDRESS; its task reaches S3 with the
         # environment the head was started with (the driver passes no AWS variables).
         ray_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        ray_env.update(RAY_ADDRESS=env["RAY_ADDRESS"], RAY_AUTH_MODE="disabled")
+        ray_env.update({k: v for k, v in env.items() if k.startswith("RAY_")}, RAY_AUTH_MODE="disabled")
         code = ("import ray, json\n"
                 "ray.init(address='auto', log_to_driver=False)\n"
                 "@ray.remote(num_cpus=0.5)\n"

@@ -80,7 +80,7 @@ def test_better_moves_champion_worse_does_not(env):
     registry.promote(client, name, v1.version)
     v2, _ = _register(client, exp, root, name, "r2", 0.45)
     d2 = registry.promote(client, name, v2.version)
-    assert d2.promoted and d2.champion_version == v1.version
+    assert d2.promoted and d2.champion_version == str(v1.version)
     assert d2.champion_value == pytest.approx(0.40) and d2.challenger_value == pytest.approx(0.45)
     assert _champion(client, name) == v2.version
     v3, _ = _register(client, exp, root, name, "r3", 0.44)
