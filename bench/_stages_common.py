@@ -57,11 +57,13 @@ def untrained_reward(root: str, prep: str, cfg: GoalRankConfig) -> str:
                              {"prepared": prep}, body).uri
 
 
-def random_groups(root: str, prep: str, cfg: GoalRankConfig) -> str:
-    """A completed candidates stage: |B| distinct random lists of L candidates per request."""
+def random_groups(root: str, prep: str, cfg: GoalRankConfig, fraction: float = 1.0) -> str:
+    """A completed candidates stage: |B| distinct random lists of L candidates for the first
+    `fraction` of the training requests."""
 
     def body(out: str) -> dict:
         train = storage.read_table(storage.join(prep, "train"), None, "bench train")
+        train = train.slice(0, int(round(train.num_rows * fraction)))
         rng = np.random.default_rng(cfg.train.seed)
         L, G = cfg.protocol.slate_len, cfg.group.size
         lists = []
@@ -74,8 +76,8 @@ def random_groups(root: str, prep: str, cfg: GoalRankConfig) -> str:
         rows = storage.write_table(table, storage.join(out, "groups"), CANDIDATE_GROUPS, "bench groups")
         return {"tables": {"groups": storage.table_entry(CANDIDATE_GROUPS, rows)}}
 
-    return storage.run_stage(stage_uri(root, "ml-100k", "bench", "candidates-random"), "candidates", cfg,
-                             {"prepared": prep}, body).uri
+    return storage.run_stage(stage_uri(root, "ml-100k", "bench", f"candidates-random-{int(fraction * 100)}"),
+                             "candidates", cfg, {"prepared": prep}, body, params={"fraction": fraction}).uri
 
 
 def write_result(name: str, mode: str, result: dict) -> Path:

@@ -287,13 +287,9 @@ def _local_dir(uri: str, tmp: str) -> str:
     """A local directory holding `uri` (copied out of object storage when needed)."""
     if "://" not in uri or uri.startswith("file://"):
         return uri[len("file://"):] if uri.startswith("file://") else uri
-    import pyarrow.fs as pafs
+    from tasks.storage import download_dir  # S3 settings from the AWS_* environment
 
-    fs, path = pafs.FileSystem.from_uri(uri)
-    dest = Path(tmp) / BUNDLE_ARTIFACT
-    dest.mkdir(parents=True)
-    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return str(dest)
+    return str(download_dir(uri, Path(tmp) / BUNDLE_ARTIFACT))
 
 
 def log_ranker(bundle_uri: str, example: pd.DataFrame) -> str:

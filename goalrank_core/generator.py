@@ -119,9 +119,11 @@ class GoalRankGenerator(nn.Module):
             logits = self._masked_logits(enc, q, blocked[:, :, None, :], temperature)[:, :, 0]  # (B, n, N)
             if greedy:
                 nxt = logits.argmax(-1)  # (B, n)
-            else:
-                probs = logits.float().softmax(-1).reshape(b * n, nc)
-                nxt = torch.multinomial(probs, 1, generator=generator).reshape(b, n)
+            else:  # Gumbel-max; noise drawn where the generator lives (a CPU one may drive CUDA)
+                u = torch.rand(logits.shape, generator=generator,
+                               device=generator.device if generator is not None else logits.device)
+                gumbel = -torch.log(-torch.log(u.to(logits.device).clamp(1e-12, 1 - 1e-7)))
+                nxt = (logits.float() + gumbel).argmax(-1)  # (B, n)
             chosen = torch.cat([chosen, nxt[..., None]], dim=2)
             blocked = blocked.scatter(2, nxt[..., None], True)
         return chosen

@@ -1,0 +1,227 @@
+"""docs/results.md and the plots under docs/, generated from every JSON in bench/results/.
+
+Nothing in results.md is typed by hand: each section is one result file, headed by the command,
+machine, commit and time that produced it; a file with `tables` is rendered as they are, any
+other (e.g. the stage benchmarks' flat results) as a key/value table of its numbers.
+
+    python -m bench.report [--results DIR] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import DOCS, RESULTS
+
+# Section order and titles; unknown benchmarks follow, alphabetically.
+SECTIONS = {
+    "main_table": "Main table (the paper's Table 1)",
+    "group_size": "Group size |B| (the paper's Table 2)",
+    "scaling": "Scaling with generator size (the paper's Figure 3)",
+    "latency": "Latency: GoalRank against Generator-Evaluator",
+    "throughput": "Throughput and utilisation",
+    "pipeline_cost": "Cost of the daily pipeline",
+    "bench_score": "`score` stage throughput (Ray Data)",
+    "bench_train_generator": "`train_generator` stage throughput (Ray Train)",
+    "run_all": "Benchmark runs",
+}
+MODE_ORDER = {"full": 0, "quick": 1}
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or "benchmark" not in doc:
+            raise ValueError(f"{p}: a result file must be a JSON object with a 'benchmark' key")
+        doc["_file"] = p.name
+        out.append(doc)
+    names = list(SECTIONS)
+    out.sort(key=lambda d: (names.index(d["benchmark"]) if d["benchmark"] in names else len(names), d["benchmark"],
+                            MODE_ORDER.get(d.get("mode"), 9)))
+    return out
+
+
+def _cell(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def provenance(doc: dict) -> list[str]:
+    m = doc.get("machine") or {}
+    git = doc.get("git") or {}
+    sha = git.get("sha") or doc.get("git_sha")
+    where = ", ".join(x for x in (
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model')})" if m.get("cpus") else None,
+        f"{m['mem_gb']} GB RAM" if m.get("mem_gb") else None,
+        f"GPU {m['gpu']}" if m.get("gpu") else ("no GPU" if m.get("cuda") is False else None),
+        m.get("platform"), f"Python {m['python']}" if m.get("python") else None,
+        f"torch {m['torch']}" if m.get("torch") else None) if x)
+    load = m.get("load_avg_start", m.get("load_avg_1m"))
+    cpus = m.get("cpus") or 0
+    loaded = load is not None and cpus and load > 0.75 * cpus
+    lines = [f"- command: `{doc.get('command') or 'python -m bench.' + doc['benchmark'] + ' --mode ' + str(doc.get('mode'))}`"
+             f" (mode {doc.get('mode')})",
+             f"- machine: {where or 'not recorded'}",
+             f"- commit: {sha[:12] if sha else 'unknown'}{' plus uncommitted changes' if git.get('dirty') else ''}; "
+             f"finished {doc.get('finished_at', '?')}" + (f"; took {doc['wall_s']:.0f} s" if doc.get("wall_s") is not None else "")]
+    if load is not None:
+        end = m.get("load_avg_end")
+        lines.append(f"- load average (1 min) at start {load}" + (f", at end {end}" if end is not None else "")
+                     + (" - **taken under load from other processes: timings are pessimistic**" if loaded else ""))
+    return lines
+
+
+def _flat(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    if isinstance(d, dict):
+        for k in sorted(d):
+            out += _flat(d[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(d, (int, float, bool, str)) or d is None:
+        out.append((prefix, d))
+    return out  # lists (per-epoch losses etc.) stay in the JSON
+
+
+_META = {"benchmark", "mode", "machine", "command", "started_at", "finished_at", "wall_s", "git", "git_sha", "_file",
+         "tables", "notes", "plots", "data", "config", "summary"}
+
+
+def render_doc(doc: dict) -> list[str]:
+    lines = provenance(doc) + [""]
+    if doc.get("tables"):
+        for t in doc["tables"]:
+            lines += [f"**{_cell(t['title'])}**", ""] + md_table(t["columns"], t["rows"]) + [""]
+            if t.get("notes"):
+                lines += [t["notes"], ""]
+    else:
+        items = [(k, v) for k, v in _flat({k: v for k, v in doc.items() if k not in _META}) if v is not None]
+        if items:
+            lines += md_table(["result", "value"], [[k, v] for k, v in items]) + [""]
+    for note in doc.get("notes") or []:
+        lines += [note, ""]
+    for p in doc.get("plots") or []:
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    return lines
+
+
+def render(results: list[dict]) -> str:
+    lines = ["# Results", "",
+             "Generated by `python -m bench.report` from `bench/results/*.json` (written by `python -m bench.run_all "
+             "--mode quick|full`, `make bench-quick`, or one benchmark's own command). Do not edit: rerun the benchmark. "
+             "Each section names the command, machine and commit that produced it; quick-mode numbers use reduced data, "
+             "epochs and seeds (said in each table) and are smoke evidence, full-mode numbers are the ones to quote.", ""]
+    if not results:
+        return "\n".join(lines + ["No results yet: run `make bench-quick`.", ""])
+    lines += ["Contents: " + ", ".join(dict.fromkeys(SECTIONS.get(d["benchmark"], d["benchmark"]) for d in results)), ""]
+    current = None
+    for doc in results:
+        if doc["benchmark"] != current:
+            current = doc["benchmark"]
+            lines += [f"## {SECTIONS.get(current, current)}", ""]
+        lines += [f"### {current}, {doc.get('mode', '?')} mode (`bench/results/{doc['_file']}`)", ""] + render_doc(doc)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pick(results: list[dict], name: str) -> dict | None:
+    docs = [d for d in results if d["benchmark"] == name and d.get("data")]
+    return docs[0] if docs else None  # full before quick (load_results' order)
+
+
+def plot_scaling(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = doc["data"]["points"]
+    k = (doc.get("config") or {}).get("k", "k")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([p["params"] for p in pts], [p["goalrank"]["ndcg@6"] for p in pts], "o-", label="GoalRank (one generator)")
+    ax.plot([p["params"] for p in pts], [p["supervised"]["ndcg@6"] for p in pts], "s--", label="supervised generator")
+    ax.plot([p["mixture_params"] for p in pts], [p["mixture"]["ndcg@6"] for p in pts], "^-",
+            label=f"{k} generators + evaluator (same total)")
+    ax.set_xscale("log")
+    ax.set_xlabel("generator parameters")
+    ax.set_ylabel("NDCG@6 (test)")
+    ax.set_title(f"Scaling, {doc['config'].get('dataset')} ({doc.get('mode')} mode)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_group_size(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = doc["config"]["sizes"]
+    summ, stats = doc["data"]["summary"], doc["data"]["stats"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(sizes, [summ[str(b)]["ndcg@6"]["mean"] for b in sizes], "o-", label="NDCG@6")
+    ax.plot(sizes, [summ[str(b)]["hr@6"]["mean"] for b in sizes], "s-", label="HR@6")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("|B| (lists per group)")
+    ax.set_ylabel("test metric")
+    ax2 = ax.twinx()
+    ax2.plot(sizes, [stats[str(b)]["reward_std"] for b in sizes], "^:", color="grey", label="reward spread (std)")
+    ax2.set_ylabel("within-group reward std")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="best")
+    ax.set_title(f"Group size, {doc['config'].get('dataset')} ({doc.get('mode')} mode)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {"scaling": ("scaling.png", plot_scaling), "group_size": ("group_size.png", plot_group_size)}
+
+
+def write_report(results_dir: Path = RESULTS, out: Path = DOCS / "results.md", plots: bool = True) -> Path:
+    results = load_results(results_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plots:
+        for name, (fname, fn) in PLOTS.items():
+            doc = _pick(results, name)
+            if doc is not None:
+                fn(doc, out.parent / fname)
+                doc.setdefault("plots", [])
+                if fname not in [Path(p).name for p in doc["plots"]]:
+                    doc["plots"].append(f"docs/{fname}")
+    out.write_text(render(results))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--out", default=str(DOCS / "results.md"))
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"wrote {write_report(Path(args.results), Path(args.out), not args.no_plots)}")
+
+
+if __name__ == "__main__":
+    main()
