@@ -44,7 +44,7 @@ def pipelines(bundle) -> dict:
     return {"goalrank": res.extra["goalrank"], "g-e": res.extra["g-e"]}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: baselines.model_scores reads tensor version counters
 def measure(bundle, data, batch_size: int, n_calls: int, warmup: int, seed: int = 0) -> dict:
     """Interleaved timings of both pipelines on batches of `batch_size` requests cycled from
     `data` (EncodedRequests). -> {name: [seconds per call]}."""
@@ -62,7 +62,7 @@ def measure(bundle, data, batch_size: int, n_calls: int, warmup: int, seed: int 
     return times
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: baselines.model_scores reads tensor version counters
 def breakdown(bundle, data, batch_size: int, reps: int) -> dict[str, float]:
     """Median ms per component for one batch: generator encoder, generator decode (greedy minus
     encoder), each G-E proposer and the reward model scoring the proposals."""
@@ -117,10 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--max-users", type=int, help="users kept from the data set (default: the mode's)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     rec = Recorder("latency", args.mode)
-    mode = MODES[args.mode]
+    mode = dict(MODES[args.mode])
+    if args.max_users is not None:
+        mode["max_users"] = args.max_users
     bundle, data = fit_bundle(mode, args.verbose)
     t1 = measure(bundle, data, 1, mode["single"], mode["warmup"])
     tb = measure(bundle, data, args.batch, mode["batched"], max(2, mode["warmup"] // 5))

@@ -66,7 +66,7 @@ def provenance(doc: dict) -> list[str]:
     git = doc.get("git") or {}
     sha = git.get("sha") or doc.get("git_sha")
     where = ", ".join(x for x in (
-        f"{m.get('cpus')} CPUs ({m.get('cpu_model')})" if m.get("cpus") else None,
+        f"{m.get('cpus')} CPUs" + (f" ({m['cpu_model']})" if m.get("cpu_model") else "") if m.get("cpus") else None,
         f"{m['mem_gb']} GB RAM" if m.get("mem_gb") else None,
         f"GPU {m['gpu']}" if m.get("gpu") else ("no GPU" if m.get("cuda") is False else None),
         m.get("platform"), f"Python {m['python']}" if m.get("python") else None,

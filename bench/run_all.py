@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     rec = Recorder("run_all", args.mode)
-    log_dir = ROOT / "bench" / "logs"
+    log_dir = ROOT / "bench" / "results" / "tmp" / "logs"  # git-ignored
     log_dir.mkdir(parents=True, exist_ok=True)
     runs = [run_one(n, args.mode, log_dir) for n in names]
     total = time.time() - rec.started
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(["total", "", f"{sum(r['wall_s'] for r in runs):.0f}"])
     rec.write({"config": {"benchmarks": names},
                "tables": [table(f"`python -m bench.run_all --mode {args.mode}`: benchmarks run", ["benchmark", "status", "wall s"],
-                                rows, "Every benchmark runs in its own process; logs under bench/logs/ (not committed).")],
+                                rows, "Every benchmark runs in its own process; logs under bench/results/tmp/logs/ (not committed).")],
                "data": {"runs": runs, "total_s": total}})
     from bench.report import write_report
 

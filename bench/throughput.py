@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s at the training precision (fp32 here); MFU needs it")
+    ap.add_argument("--max-users", type=int, help="users kept from the data set (default: the mode's)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     rec = Recorder("throughput", args.mode)
-    mode = MODES[args.mode]
+    mode = dict(MODES[args.mode])
+    if args.max_users is not None:
+        mode["max_users"] = args.max_users
     dev = torch.device(args.device)
 
     from goalrank_core.config import GoalRankConfig
