@@ -129,9 +129,12 @@ class TrainConfig:
     supervised_weight: float = _help("weight of the supervised term on logged positives", 0.0)
     seed: int = _help("seed for weights, sampling and shuffling", 0)
     num_workers: int = _help("Ray Train DDP workers", 2)
+    warm_epochs: int = _help("generator epochs per round when warm-started from the champion (daily runs)", 1)
+    warm_reward_epochs: int = _help("reward-model epochs when warm-started from the champion (daily runs)", 2)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "reward_epochs", "aux_epochs", "batch_size", "num_workers"):
+        for name in ("epochs", "reward_epochs", "aux_epochs", "batch_size", "num_workers", "warm_epochs",
+                     "warm_reward_epochs"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"train.{name}", f"must be an integer >= 1, got {v!r}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -189,6 +192,46 @@ class PolicyConfig:
 
 
 @dataclass
+class WindowConfig:
+    """The sliding window of a daily run on date-partitioned impressions (goalrank_core.partitions)."""
+
+    days: int = _help("W: a run for date D reads the partitions of [D - W, D - 1]", 30)
+    test_fraction: float = _help("share of the last day's requests (the later ones) kept as the test split; "
+                                 "the rest of the last day validates", 0.5)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.days, int) and self.days >= 2, "window.days",
+               f"must be an integer >= 2 (a training day and the validation day), got {self.days!r}")
+        _check(0.0 < self.test_fraction < 1.0, "window.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class GateConfig:
+    """Data gates on the newest partition (D - 1) before any training (goalrank_core.gates)."""
+
+    enabled: bool = _help("run the gates (a failed gate stops the run before training)", True)
+    min_rows: int = _help("the new partition needs at least this many requests", 1)
+    trailing_days: int = _help("the row-count check compares with the mean of this many earlier partitions", 7)
+    min_row_ratio: float = _help("new rows / trailing mean must be >= this", 0.5)
+    max_row_ratio: float = _help("new rows / trailing mean must be <= this", 2.0)
+    min_positive_share: float = _help("share of shown items with a positive label must be >= this", 0.005)
+    max_positive_share: float = _help("share of shown items with a positive label must be <= this", 0.95)
+    max_unknown_item_share: float = _help(
+        "share of candidate slots whose item never occurs in the window's training partitions must be <= this", 0.5)
+
+    def __post_init__(self) -> None:
+        _check(self.min_rows >= 1, "gates.min_rows", f"must be >= 1, got {self.min_rows}")
+        _check(self.trailing_days >= 1, "gates.trailing_days", f"must be >= 1, got {self.trailing_days}")
+        _check(0.0 <= self.min_row_ratio <= self.max_row_ratio, "gates.min_row_ratio",
+               f"must be in [0, max_row_ratio={self.max_row_ratio}], got {self.min_row_ratio}")
+        _check(0.0 <= self.min_positive_share <= self.max_positive_share <= 1.0, "gates.min_positive_share",
+               f"need 0 <= min_positive_share <= max_positive_share <= 1, got {self.min_positive_share}, "
+               f"{self.max_positive_share}")
+        _check(0.0 <= self.max_unknown_item_share <= 1.0, "gates.max_unknown_item_share",
+               f"must be in [0, 1], got {self.max_unknown_item_share}")
+
+
+@dataclass
 class GoalRankConfig:
     """Everything that changes what the pipeline computes (hashed into stage manifests)."""
 
@@ -198,6 +241,8 @@ class GoalRankConfig:
     group: GroupConfig = field(default_factory=GroupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     policies: PolicyConfig = field(default_factory=PolicyConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "GoalRankConfig":

@@ -1,0 +1,5 @@
+import sys
+
+from goalrank.cli import main
+
+sys.exit(main())
