@@ -2,11 +2,11 @@
 single-process torch loop doing the same per-batch work (encode the requests, map the lists
 to positions, reward_model.score, pi_ref) over the same model and data.
 
-Targets (issue 4): 1 actor >= 0.8x bare; 2 actors >= 1.6x one actor. Two views of the stage:
-end to end (actor start-up, Parquet read and write included: a fixed cost), and marginal
-throughput, from runs on all and on half of the groups: (lists_all - lists_half) /
-(t_all - t_half), which removes the fixed cost. The bare loop gets 1 torch thread, as a Ray
-actor with a fractional CPU does, and is also reported with every thread.
+Targets (issue 4): 1 actor >= 0.8x bare; 2 actors >= 1.6x one actor. The stage is timed end to
+end (actor start-up with the torch import and model load, Parquet read and write, manifest:
+a fixed cost of several seconds that small inputs do not amortise; `--mode full` has 3x the
+groups). The bare loop gets 1 torch thread, as a Ray actor with a fractional CPU does, and is
+also reported with every thread.
 
     python -m bench.bench_score --mode quick|full
 """
@@ -79,29 +79,17 @@ def main() -> None:
         cand = random_groups(root, prep, cfg)
         bare1 = bare_loop(prep, reward_uri, cand, cfg, threads=1)
         bare_all = bare_loop(prep, reward_uri, cand, cfg, threads=os.cpu_count() or 1)
-        half = random_groups(root, prep, cfg, fraction=0.5)
-        stage_run(prep, reward_uri, half, cfg, root, 1, "warmup")  # worker processes, imports
-        runs = {a: (stage_run(prep, reward_uri, cand, cfg, root, a, f"a{a}"),
-                    stage_run(prep, reward_uri, half, cfg, root, a, f"a{a}-half")) for a in (1, 2)}
-
-    def marginal(full: dict, part: dict) -> float:
-        return (full["lists"] - part["lists"]) / max(full["seconds"] - part["seconds"], 1e-9)
-
-    one, two = runs[1][0], runs[2][0]
-    m1, m2 = marginal(*runs[1]), marginal(*runs[2])
+        stage_run(prep, reward_uri, cand, cfg, root, 1, "warmup")  # worker processes, imports
+        one = stage_run(prep, reward_uri, cand, cfg, root, 1, "a1")
+        two = stage_run(prep, reward_uri, cand, cfg, root, 2, "a2")
     result = {
         "bare_1_thread": bare1, "bare_all_threads": bare_all, "ray_1_actor": one, "ray_2_actors": two,
-        "ray_1_actor_half": runs[1][1], "ray_2_actors_half": runs[2][1],
-        "marginal_lists_per_s": {"1_actor": m1, "2_actors": m2},
         "ratio_1_actor_vs_bare": one["lists_per_s"] / bare1["lists_per_s"],
         "ratio_2_vs_1_actor": two["lists_per_s"] / one["lists_per_s"],
-        "marginal_ratio_1_actor_vs_bare": m1 / bare1["lists_per_s"],
-        "marginal_ratio_2_vs_1_actor": m2 / m1,
         "targets": {"ratio_1_actor_vs_bare": 0.8, "ratio_2_vs_1_actor": 1.6},
         "config": {"group.size": cfg.group.size, "batch_size": cfg.train.batch_size, "max_users": cfg.protocol.max_users},
     }
     result["met"] = {k: result[k] >= v for k, v in result["targets"].items()}
-    result["met"].update({f"marginal_{k}": result[f"marginal_{k}"] >= v for k, v in result["targets"].items()})
     write_result("bench_score", args.mode, result)
 
 

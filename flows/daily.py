@@ -26,6 +26,7 @@ from prefect.tasks import exponential_backoff
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
+from flows import daily_ops
 
 FLOW_NAME = "goalrank-daily"
 GOALRANK_POLICY = "goalrank"  # policy name of the trained generator in the METRICS table
@@ -80,6 +81,10 @@ def _stages():
 
 def _storage():
     return importlib.import_module("tasks.storage")
+
+
+def _partitions():
+    return importlib.import_module("tasks.partitions")
 
 
 # ---------------------------------------------------------------- stage tasks
@@ -154,8 +159,10 @@ def prepare_task(run_id: str, source: dict, out: str, config: dict) -> dict:
 
 
 @task(name="train_reward_model", task_run_name="train_reward_model · {run_id}", **_TASK_OPTS)
-def train_reward_model_task(run_id: str, prepared: str, out: str, config: dict) -> dict:
-    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, out, GoalRankConfig.from_dict(config))
+def train_reward_model_task(run_id: str, prepared: str, out: str, config: dict, init: str | None = None) -> dict:
+    kw = {"init": init} if init else {}  # warm start (flows/daily_ops.py)
+    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, out, GoalRankConfig.from_dict(config),
+                      **kw)
 
 
 @task(name="train_policies", task_run_name="train_policies · {run_id}", **_TASK_OPTS)
@@ -244,7 +251,8 @@ def _request_example(prepared: str, manifest: dict, n: int = 3) -> Any:
 
 @task(name="track_and_register", task_run_name="track_and_register · {run_id}", **_TASK_OPTS)
 def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], config: dict, params: dict,
-                            tracking_uri: str, experiment: str, model_name: str) -> dict:
+                            tracking_uri: str, experiment: str, model_name: str,
+                            extra_tags: dict | None = None) -> dict:
     """Log the run to MLflow and register its ranker (a `challenger`); promotion comes next."""
     from mlflow import MlflowClient
 
@@ -260,7 +268,8 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
     if not values:
         raise ValueError(f"evaluate wrote no rows for policy '{GOALRANK_POLICY}'; nothing to register")
     with tracking.pipeline_run(tracking_uri, experiment, run_id, cfg.hash(),
-                               tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv}) as run:
+                               tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
+                                     **(extra_tags or {})}) as run:
         tracking.log_params(config, params)
         histories = {}
         for s in summaries:
@@ -277,7 +286,7 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
         mv, created = registry.register(
             client, model_name, source, run.info.run_id, run_id, cfg.hash(), values,
             tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
-                  "goalrank.storage_prefix": tracking.redact_uri(_storage().parent(prep["uri"]))},
+                  "goalrank.storage_prefix": tracking.redact_uri(_storage().parent(prep["uri"])), **(extra_tags or {})},
         )
         return {"mlflow_run_id": run.info.run_id, "version": str(mv.version), "created": created,
                 "data_version": dv, "metrics": metrics.to_pylist()}
@@ -363,6 +372,7 @@ def goalrank_daily(
     overrides: dict[str, Any] | None = None,
     promotion_metric: str | None = None,
     promotion_margin: float = 0.0,
+    cold: bool = False,
 ) -> dict[str, Any]:
     """Retrain GoalRank on a data set (`dataset`, e.g. "ml-100k") or an impressions file, log
     to MLflow, register the model and promote it if it is no worse than the champion.
@@ -372,6 +382,11 @@ def goalrank_daily(
     config mapping; overrides: dotted keys such as {"group.size": 10, "train.epochs": 2};
     promotion_metric: validation metric (default ndcg@L); promotion_margin: the new model must
     reach champion + margin.
+
+    Daily operations (flows/daily_ops.py): when `impressions` is a folder of `date=YYYY-MM-DD`
+    partitions, the run for `run_date` D reads the window [D - W, D - 1] after the data gates
+    pass on D - 1; training warm-starts from the champion unless `cold`. A run record
+    (`{run}/registry/_manifest.json`) written last marks the run complete for backfills.
     """
     t_flow = time.time()
     if (dataset is None) == (impressions is None):
@@ -380,6 +395,9 @@ def goalrank_daily(
                       model_name=model_name, data_dir=data_dir)
     cfg = _resolve(config, overrides)
     run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    from goalrank_core.partitions import parse_date
+
+    run_date = parse_date(run_date, "run_date").isoformat()
     run_id = run_id or run_date
     if not _RUN_ID.match(run_id):
         raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
@@ -389,15 +407,24 @@ def goalrank_daily(
     uri = lambda stage: _storage().stage_uri(s["storage"], name, run_id, stage)  # noqa: E731
 
     source = {"dataset": dataset, "impressions": impressions, "items": items, "data_dir": s["data_dir"]}
+    window = None
+    if impressions is not None and _partitions().is_partitioned(impressions):
+        # Gates before anything is written or trained: a bad day stops here, champion untouched.
+        window = daily_ops.data_gates_task(run_id, impressions, run_date, c)
+        source["partitions"] = tuple(window["partitions"])
     prep = prepare_task(run_id, source, uri("prepare"), c)
-    rew = train_reward_model_task(run_id, prep["uri"], uri("reward_model"), c)
+    warm = daily_ops.warm_start_task(run_id, prep["uri"], uri(daily_ops.WARM_STAGE), c, s["tracking_uri"],
+                                     s["model_name"], run_date, cold)
+    run_cfg = daily_ops.effective_config(cfg, warm)  # fewer epochs for what starts warm
+    c = run_cfg.to_dict()
+    rew = train_reward_model_task(run_id, prep["uri"], uri("reward_model"), c, warm["reward"])
     pol = train_policies_task(run_id, prep["uri"], uri("policies"), c)
     summaries = [prep, rew, pol]
-    generator = None
+    generator = warm["generator"]  # round 1 samples from the champion's generator when warm
     for r in range(1, cfg.group.rounds + 1):
         cand = generate_candidates_task(run_id, r, prep["uri"], pol["uri"], generator, uri(f"candidates_r{r}"), c)
         sc = score_task(run_id, r, cand["uri"], prep["uri"], rew["uri"], uri(f"scored_r{r}"), c)
-        # Round 1 starts from the supervised generator (policies stage), later rounds from the last.
+        # Round 1 starts from the champion (warm) or the supervised generator (policies stage).
         init = generator or pol["uri"]
         gen = train_generator_task(run_id, r, sc["uri"], prep["uri"], init, uri(f"generator_r{r}"), c)
         generator = gen["uri"]
@@ -407,12 +434,20 @@ def goalrank_daily(
 
     params = {"dataset": name, "impressions": impressions, "items": items, "storage": s["storage"],
               "run_id": run_id, "run_date": run_date, "promotion.metric": metric,
-              "promotion.margin": promotion_margin}
+              "promotion.margin": promotion_margin, "cold": cold, "warm_start": bool(warm["warm"]),
+              "warm_start.version": warm["version"] if warm["warm"] else None}
+    tags = daily_ops.warm_tags(warm, run_date, window["window"] if window else None)
     reg = track_and_register_task(run_id, name, summaries, c, params, s["tracking_uri"], s["experiment"],
-                                  s["model_name"])
+                                  s["model_name"], tags)
     uris = {"prepared": prep["uri"], "reward_model": rew["uri"], "policies": pol["uri"]}
     decision = promote_task(run_id, reg, uris, c, s["tracking_uri"], s["experiment"], s["model_name"],
                             metric, promotion_margin)
+    warm_info = {k: warm[k] for k in ("warm", "version", "reason", "stats", "uri")}
+    daily_ops.write_record(s["storage"], name, run_id, {
+        "config_hash": cfg.hash(), "run_config_hash": run_cfg.hash(), "run_id": run_id, "run_date": run_date,
+        "version": reg["version"], "data_version": reg["data_version"], "decision": decision,
+        "warm_start": warm_info, "window": window["window"] if window else None,
+        "gates": window["gates"] if window else None, "prepare": prep["uri"], "evaluate": ev["uri"]})
     summary = {
         "run_id": run_id,
         "dataset": name,
@@ -426,6 +461,10 @@ def goalrank_daily(
         "stages": [{k: v for k, v in x.items() if k in ("stage", "uri", "skipped", "wall_s", "peak_mb", "driver_peak_mb", "workers_peak_mb", "rows")}
                    for x in summaries],
         "wall_s": round(time.time() - t_flow, 1),
+        "run_date": run_date,
+        "warm_start": warm_info,
+        "window": window["window"] if window else None,
+        "gates": window["gates"] if window else None,
     }
     print(format_summary(summary))
     return summary
@@ -458,6 +497,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append("(peak resident memory: driver process; summed Ray worker processes)")
     d = summary["decision"]
     new = "new" if summary["newly_registered"] else "existing (rerun)"
+    ws = summary.get("warm_start")
+    if ws:
+        out.append(f"\nwarm start: from champion v{ws['version']} ({ws['reason']})" if ws["warm"]
+                   else f"\ncold start: {ws['reason']}")
+    if summary.get("window"):
+        w = summary["window"]
+        out.append(f"window: {w['start']}..{w['end']}, {len(w['partitions'])} partition(s) read, "
+                   f"{w['holdout']} validates; data gates passed")
     out.append(f"\nregistered: {summary['model_name']} version {summary['registered_version']} ({new})")
 
     def num(x):

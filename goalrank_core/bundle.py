@@ -94,6 +94,18 @@ def _load_baseline_kinds() -> None:
             raise
 
 
+def _load_weights(file: str, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """A state dict of plain tensors. weights_only=True never runs pickled code: a file holding
+    anything else (a pickled object, a payload) is refused with a BundleError naming it."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{file}: refused: not a plain weights file loadable with weights_only=True ({first})") from exc
+
+
 @dataclass
 class ModelBundle:
     config: GoalRankConfig
@@ -177,11 +189,11 @@ class ModelBundle:
             if not os.path.isfile(file):
                 raise BundleError(f"{path}: bundle.json lists model '{name}' but {name}.pt is missing")
             model = bundle.build(kind)
-            model.load_state_dict(torch.load(file, map_location=map_location, weights_only=True))
+            model.load_state_dict(_load_weights(file, map_location))
             model.to(map_location).eval()
             bundle.add(name, kind, model)
         if meta.get("tensors"):
-            bundle.tensors = torch.load(os.path.join(path, "tensors.pt"), map_location=map_location, weights_only=True)
+            bundle.tensors = _load_weights(os.path.join(path, "tensors.pt"), map_location)
         return bundle
 
     def merge(self, *others: "ModelBundle") -> "ModelBundle":

@@ -87,10 +87,19 @@ class RewardConfig:
     augment_lists: int = _help(
         "extra training lists per request mixing shown items with unshown candidates (label 0), "
         "so the model can score lists that were never logged", 1)
+    group_lists: int = _help(
+        "lists per training request drawn from the group proposers' lists (auxiliary policies and "
+        "supervised-generator samples), labelled from the log (unshown = 0), so the model learns to "
+        "rank the kind of lists it will score (0 = off; > 0 fits the policies before the reward model)", 4)
+    context_layers: int = _help(
+        "Transformer layers over [user, all N candidates] before the list is encoded, so each list "
+        "item is judged against the whole candidate set, as the generator sees it (0 = off)", 1)
 
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
+        _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
+        _check(self.context_layers >= 0, "reward.context_layers", f"must be >= 0, got {self.context_layers}")
         _check(self.d_model >= 4, "reward.d_model", f"must be >= 4, got {self.d_model}")
         _check(self.n_layers >= 1, "reward.n_layers", f"must be >= 1, got {self.n_layers}")
         _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "reward.n_heads",
@@ -107,6 +116,9 @@ class GroupConfig:
     tau: float = _help("softmax temperature of pi_ref", 1.0)
     eps: float = _help("added to the group std before dividing", 1e-6)
     rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round)", 2)
+    logged_list: bool = _help(
+        "put a training request's logged list (the behaviour policy's proposal) first in its group; "
+        "training groups only, never used to rank", True)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "group.size", f"must be >= 1, got {self.size}")

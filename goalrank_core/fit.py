@@ -1,11 +1,13 @@
 """The whole GoalRank fit, in one process (the reference the distributed stages mirror):
 
-1. reward model (BCE on logged lists + augmented lists);
-2. auxiliary policies: heuristic statistics, point-wise DNN, PRM, and the supervised
+1. auxiliary policies: heuristic statistics, point-wise DNN, PRM, and the supervised
    generator (list likelihood on logged positives);
+2. reward model: BCE on logged lists, augmented lists and the proposers' lists on the
+   training requests labelled from the log (an unshown candidate is never a positive);
 3. `config.group.rounds` rounds of: propose a group per training request (auxiliary lists
    first, then generator samples; deduplicated to |B|), score it with the reward model,
    pi_ref = softmax of normalised rewards, train the generator on the group-relative loss.
+   A training request's group also holds its logged list (`group.logged_list`).
 
 The GoalRank generator starts from the supervised generator's weights (same architecture),
 so its first round of samples is already sensible.
@@ -73,12 +75,36 @@ class GeneratorPolicy:
 
 
 @torch.no_grad()
-def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None, reward: nn.Module,
-                   config: GoalRankConfig, seed: int, batch_size: int = 512) -> tuple[Groups, list[str]]:
-    """Groups for every row of `data`: aux lists, then generator samples, deduplicated to
-    |B| and scored. -> (Groups, policy names indexed by Groups.policy_ids)."""
+def group_proposals(batch: RequestBatch, aux: list, generator: nn.Module | None, config: GoalRankConfig,
+                    gen: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
+    """A training group's proposals before deduplication -> ((B, G, L) positions, G policy names):
+    the logged list (if `group.logged_list`: the behaviour policy's proposal, known for a logged
+    training request; a row without a full logged list gets an invalid list that dedup drops),
+    every auxiliary policy's lists, then `group.generator_samples` generator samples."""
     from goalrank_core.policies import propose_all
 
+    parts, names = [], []
+    if config.group.logged_list:
+        parts.append(batch.shown[:, None, :])  # (B, 1, L); -1 entries make it invalid
+        names.append("logged")
+    if aux:
+        lists, aux_names = propose_all(aux, batch, gen)
+        parts.append(lists)
+        names += aux_names
+    if generator is not None and config.group.generator_samples > 0:
+        generator.eval()
+        parts.append(generator.sample(batch, config.group.generator_samples, gen))
+        names += ["goalrank"] * config.group.generator_samples
+    if not parts:
+        return batch.shown.new_zeros(len(batch), 0, batch.shown.shape[1]), []
+    return torch.cat(parts, dim=1), names
+
+
+@torch.no_grad()
+def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None, reward: nn.Module,
+                   config: GoalRankConfig, seed: int, batch_size: int = 512) -> tuple[Groups, list[str]]:
+    """Groups for every row of `data` (`group_proposals`), deduplicated to |B| and scored.
+    -> (Groups, policy names indexed by Groups.policy_ids)."""
     dev = next(reward.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     reward.eval()
@@ -86,12 +112,7 @@ def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None
     names: list[str] = []
     for idx in iterate_batches(len(data), batch_size, False):
         b = data.batch(idx, dev)
-        lists, batch_names = propose_all(aux, b, gen) if aux else (b.shown.new_zeros(len(b), 0, b.shown.shape[1]), [])
-        if generator is not None and config.group.generator_samples > 0:
-            generator.eval()
-            samples = generator.sample(b, config.group.generator_samples, gen)
-            lists = torch.cat([lists, samples], dim=1)
-            batch_names = batch_names + ["goalrank"] * samples.shape[1]
+        lists, batch_names = group_proposals(b, aux, generator, config, gen)
         if not names:
             names = list(dict.fromkeys(batch_names))
         pid = torch.tensor([names.index(n) for n in batch_names], device=dev).expand(len(b), -1)
@@ -125,6 +146,43 @@ def fit_policies(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
     bundle.add("supervised", "generator", sup)
 
 
+@torch.no_grad()
+def proposer_lists(data: EncodedRequests, policies: list, generator: nn.Module | None, config: GoalRankConfig,
+                   seed: int, batch_size: int = 512) -> np.ndarray:
+    """The group proposers' lists for every row of `data` (no logged list, no scores),
+    deduplicated to |B| -> (R, |B|, L) positions, -1 rows where a group is smaller."""
+    cfg = config.override({"group.logged_list": False})
+    dev = next(generator.parameters()).device if generator is not None else torch.device("cpu")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for idx in iterate_batches(len(data), batch_size, False):
+        b = data.batch(idx, dev)
+        lists, names = group_proposals(b, policies, generator, cfg, gen)
+        pid = torch.zeros(lists.shape[:2], dtype=torch.long, device=dev)
+        out.append(dedup_lists(lists, pid, cfg.group.size)[0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, cfg.group.size, data.shown.shape[1]), np.int64)
+
+
+def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, policies: list,
+                 log: Log = print) -> None:
+    """The reward model into `bundle`: BCE on logged lists, augmented lists and (with
+    `reward.group_lists` > 0) lists of the group proposers (`policies`, plus samples of the
+    supervised generator if the bundle has one) labelled from the log, so it is trained on the
+    kind of lists it will rank; early stopping on the same measure on valid."""
+    cfg = bundle.config
+    props = vprops = None
+    if cfg.reward.group_lists > 0 and policies:
+        sup = bundle.models.get("supervised")
+        props = proposer_lists(train, policies, sup, cfg, seed=cfg.train.seed + 101)
+        if valid is not None and len(valid):
+            vprops = proposer_lists(valid, policies, sup, cfg, seed=cfg.train.seed + 102)
+    set_seed(cfg.train.seed)
+    reward = bundle.build("reward")
+    log(f"reward model: {reward.num_parameters():,} parameters")
+    train_reward_model(train, valid, reward, cfg.train, log, proposals=props, valid_proposals=vprops)
+    bundle.add("reward", "reward", reward)
+
+
 def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: ModelBundle, log: Log = print,
                  policies: list | None = None) -> ModelBundle:
     """Train reward model, auxiliary policies (unless `bundle` already has them) and the
@@ -136,19 +194,16 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
 
     cfg = bundle.config
     t0 = time.perf_counter()
-    if "reward" not in bundle.models:
-        set_seed(cfg.train.seed)
-        reward = bundle.build("reward")
-        log(f"reward model: {reward.num_parameters():,} parameters")
-        train_reward_model(train, valid, reward, cfg.train, log)
-        bundle.add("reward", "reward", reward)
-    reward = bundle.models["reward"]
     if policies is None:
         if "supervised" not in bundle.models:
             fit_policies(bundle, train, valid, log)
         res = policy_resources(bundle)
         policies = build_auxiliary(res) + [res.extra["supervised"]]
     log(f"auxiliary policies: {', '.join(p.name for p in policies)} ({time.perf_counter() - t0:.0f}s so far)")
+    if "reward" not in bundle.models:
+        train_reward(bundle, train, valid, policies, log)
+        log(f"reward model trained ({time.perf_counter() - t0:.0f}s so far)")
+    reward = bundle.models["reward"]
 
     set_seed(cfg.train.seed)
     generator = bundle.build("generator")

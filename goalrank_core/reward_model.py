@@ -1,7 +1,9 @@
 """The list-aware reward model r(u, l): click probability per position of a whole list.
 
 Each list item is its candidate embedding (item, category, target attention over the
-user's history) plus a position embedding; a Transformer runs over [user token, item 1..L]
+user's history; with `context_layers` > 0 then a Transformer over the user and all N
+candidates, so an item is judged against what else the request could show, as the
+generator's encoder does) plus a position embedding; a Transformer runs over [user token, item 1..L]
 with full self-attention, so an item's click probability depends on what is shown before
 and after it. The list score is sum_k p_k / log2(k + 2) (DCG weights, k from 0).
 
@@ -26,6 +28,9 @@ class RewardModel(nn.Module):
         self.cfg, self.slate_len = cfg, slate_len
         self.embed = RequestEmbedder(d, n_items, n_users, n_categories, cfg.dropout)
         self.pos = nn.Embedding(slate_len + 1, d)  # 0 = user token
+        # Optional: candidates encoded together first (what else the request could have shown).
+        self.context = (transformer(d, cfg.context_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
+                        if cfg.context_layers > 0 else None)
         self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
         nn.init.normal_(self.pos.weight, std=0.02)
@@ -40,6 +45,11 @@ class RewardModel(nn.Module):
         if l > self.slate_len:
             raise ValueError(f"lists have length {l}, the reward model was built for {self.slate_len}")
         user, cand = self.embed(batch)  # (B, d), (B, N, d)
+        if self.context is not None:  # once per request, shared by its G lists
+            x = torch.cat([user[:, None, :], cand], dim=1)  # (B, 1 + N, d)
+            pad = torch.cat([torch.zeros_like(batch.cand_mask[:, :1]), ~batch.cand_mask], dim=1)  # (B, 1 + N)
+            h = self.context(x, src_key_padding_mask=pad)  # (B, 1 + N, d)
+            user, cand = h[:, 0], h[:, 1:]
         items = gather_positions(cand, lists)  # (B, G, L, d)
         tok = torch.cat([user[:, None, None, :].expand(b, g, 1, -1), items], dim=2)  # (B, G, 1 + L, d)
         tok = tok + self.pos.weight[: l + 1]

@@ -87,17 +87,19 @@ def make_world(n_users: int, n_items: int, n_categories: int = 8, dim: int = 8, 
 
 def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user: int = 10, slate_len: int = 6,
                       n_candidates: int = 50, n_categories: int = 8, history_len: int = 50, gamma: float = 1.5,
-                      days: int = 1, seed: int = 0) -> tuple[pa.Table, pa.Table, SynthWorld]:
+                      days: int = 1, seed: int = 0, world_seed: int | None = None) -> tuple[pa.Table, pa.Table, SynthWorld]:
     """Logged impressions from the world: candidates are N items drawn by affinity (Gumbel
     top-N at temperature 2: relevant, not only the best); the logging policy shows the top L by
     a noisy affinity, ignoring context; labels are Bernoulli clicks. History = the user's
     earlier clicks. Requests are spread evenly over `days` days from T0, in per-user order.
-    Returns (impressions: IMPRESSIONS, items: ITEMS, world)."""
+    `world_seed` (default `seed`) fixes the world alone, so logs of several days can share one
+    world while their draws differ. Returns (impressions: IMPRESSIONS, items: ITEMS, world)."""
     if n_candidates > n_items or slate_len > n_candidates:
         raise GoalRankInputError(f"synth: need slate_len <= n_candidates <= n_items, got {slate_len}, {n_candidates}, {n_items}")
     if requests_per_user < 1 or days < 1:
         raise GoalRankInputError(f"synth: requests_per_user and days must be >= 1, got {requests_per_user}, {days}")
-    world = make_world(n_users, n_items, n_categories, slate_len=slate_len, gamma=gamma, seed=seed)
+    world = make_world(n_users, n_items, n_categories, slate_len=slate_len, gamma=gamma,
+                       seed=seed if world_seed is None else world_seed)
     rng = np.random.default_rng(seed + 1)
     R = n_users * requests_per_user
     user = np.repeat(np.arange(n_users, dtype=np.int64), requests_per_user)  # (R,) user-major, time order within

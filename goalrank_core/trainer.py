@@ -79,13 +79,37 @@ def augment_lists(batch: RequestBatch, n: int, gen: torch.Generator | None = Non
     return lists, torch.where(replace, torch.zeros_like(labels), labels)
 
 
-def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
-    """BCE on the logged list, plus `augment` lists mixing in unshown candidates.
-    Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
+def log_labels(batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+    """lists (B, G, L) positions -> (B, G, L) labels from the log: a shown candidate keeps its
+    logged label, any other candidate is 0 (never a positive in this offline protocol)."""
+    shown = batch.shown[:, None, None, :]  # (B, 1, 1, L)
+    eq = (lists[..., None] == shown) & (shown >= 0) & (lists[..., None] >= 0)  # (B, G, L, L)
+    return (eq.to(batch.labels.dtype) * batch.labels[:, None, None, :]).sum(-1)
+
+
+def pick_lists(proposals: torch.Tensor, k: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """k of each request's valid proposals (B, G, L) at random, without replacement ->
+    (B, min(k, G), L); fewer valid ones leave -1 lists (masked by the loss)."""
+    b, g, _ = proposals.shape
+    dev = proposals.device
+    keys = torch.rand((b, g), generator=gen, device=gen.device if gen is not None else dev).to(dev)
+    keys = keys.masked_fill((proposals < 0).any(-1), 2.0)  # invalid lists last
+    idx = keys.argsort(1)[:, :k]  # (B, k)
+    return proposals.gather(1, idx[..., None].expand(-1, -1, proposals.shape[2]))
+
+
+def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None,
+                extra_lists: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE on the logged list, plus `augment` lists mixing in unshown candidates, plus
+    `extra_lists` (B, K, L) (e.g. the group proposers' lists; -1 lists are skipped) labelled
+    from the log (`log_labels`). Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
     lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
     if augment > 0:
         extra, extra_labels = augment_lists(batch, augment, gen)
         lists, labels = torch.cat([lists, extra], dim=1), torch.cat([labels, extra_labels], dim=1)
+    if extra_lists is not None and extra_lists.shape[1] > 0:
+        lists = torch.cat([lists, extra_lists], dim=1)
+        labels = torch.cat([labels, log_labels(batch, extra_lists)], dim=1)
     return masked_bce(model(batch, lists), lists, labels)
 
 
@@ -147,11 +171,15 @@ def greedy_hit_rate(model: nn.Module, data: EncodedRequests, batch_size: int) ->
 
 
 @torch.no_grad()
-def mean_reward_loss(model: nn.Module, data: EncodedRequests, batch_size: int) -> float:
+def mean_reward_loss(model: nn.Module, data: EncodedRequests, batch_size: int, proposals: np.ndarray | None = None) -> float:
+    """Mean BCE on the logged lists of `data`, and on every list of `proposals` (R, G, L)
+    labelled from the log when given."""
     model.eval()
     dev, tot, n = _device(model), 0.0, 0
     for idx in iterate_batches(len(data), batch_size, False):
-        tot += float(model.bce_loss(data.batch(idx, dev))) * len(idx)
+        b = data.batch(idx, dev)
+        extra = torch.from_numpy(proposals[idx]).to(dev) if proposals is not None else None
+        tot += float(reward_loss(model, b, 0, None, extra)) * len(idx)
         n += len(idx)
     return tot / max(n, 1)
 
@@ -201,14 +229,27 @@ def _fit(model: nn.Module, n_train: int, cfg: TrainConfig, epochs: int, step_los
 
 
 def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, model: nn.Module, cfg: TrainConfig,
-                       log: Log = print, augment: int | None = None, epochs: int | None = None) -> list[EpochLog]:
-    """BCE on logged lists (+ augmented lists, default `model.cfg.augment_lists`);
-    validation = BCE on the logged valid lists (lower is better)."""
+                       log: Log = print, augment: int | None = None, epochs: int | None = None,
+                       proposals: np.ndarray | None = None, valid_proposals: np.ndarray | None = None,
+                       proposal_lists: int | None = None) -> list[EpochLog]:
+    """BCE on logged lists (+ augmented lists, default `model.cfg.augment_lists`; + per request
+    `proposal_lists` (default `model.cfg.group_lists`) lists drawn from `proposals` (R, G, L),
+    e.g. the group proposers' lists, labelled from the log); validation = BCE on the logged
+    valid lists and all of `valid_proposals` (lower is better)."""
     dev = _device(model)
     augment = model.cfg.augment_lists if augment is None else augment
+    k = model.cfg.group_lists if proposal_lists is None else proposal_lists
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    step = lambda idx: reward_loss(model, train.batch(idx, dev), augment, gen)  # noqa: E731
-    validate = (lambda: mean_reward_loss(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
+
+    def step(idx: np.ndarray) -> torch.Tensor:
+        extra = None
+        if proposals is not None and k > 0:
+            extra = pick_lists(torch.from_numpy(proposals[idx]).to(dev), k, gen)  # (B, k, L)
+        return reward_loss(model, train.batch(idx, dev), augment, gen, extra)
+
+    validate = None
+    if valid is not None and len(valid):
+        validate = lambda: mean_reward_loss(model, valid, 4 * cfg.batch_size, valid_proposals)  # noqa: E731
     return _fit(model, len(train), cfg, epochs or cfg.reward_epochs, step, validate, False, "reward", log)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.errors import GoalRankInputError
+from goalrank_core.errors import DataValidationError, GoalRankInputError
 from goalrank_core.schemas import IMPRESSIONS, ITEMS, conform
 from tasks import storage
 from tasks._data import save_bundle, write_dataset
@@ -79,13 +79,40 @@ def _read_impressions(source: DataSource) -> pa.Table:
 
     fs, path = storage.filesystem(source.impressions)
     paths: str | list[str] = [f"{path}/{p}" for p in source.partitions] if source.partitions else path
+    # Bad input must surface as the validator's one-line error (not retried, exit 2), not as
+    # Ray's wrapper: Ray Data re-raises the UDF's own exception with this flag (a Dataset
+    # copies the context when it is created, so set it first).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
     ds = ds.map_batches(_validate_impressions, fn_kwargs={"what": source.impressions}, batch_format="pyarrow",
                         batch_size=None)
-    tables = ray.get(ds.to_arrow_refs())
+    try:
+        tables = ray.get(ds.to_arrow_refs())
+    except Exception as exc:
+        bad = _input_error(exc, source.impressions)
+        if bad is None:
+            raise
+        raise bad from None
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise GoalRankInputError(f"{source.impressions}: no impressions to read")
     return pa.concat_tables([conform(t, IMPRESSIONS, source.impressions) for t in tables])
+
+
+def _input_error(exc: BaseException, what: str) -> GoalRankInputError | None:
+    """The bad-input error behind a Ray failure, as one clean line: the validator's own
+    (DataValidationError, ...) or an unreadable Parquet file; None for anything else."""
+    seen: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in seen):
+        seen.append(exc)
+        if isinstance(exc, GoalRankInputError):
+            cause = getattr(exc, "cause", None)  # a RayTaskError(X) keeps the original X here
+            orig = cause if isinstance(cause, GoalRankInputError) else exc
+            return type(orig)(str(orig).strip().splitlines()[0])
+        if isinstance(exc, pa.ArrowInvalid):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return DataValidationError(f"{what}: not a readable Parquet file (truncated or corrupt?): {first}")
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _read_items(uri: str | None) -> pa.Table | None:
@@ -106,6 +133,18 @@ def load_splits(source: DataSource, config: GoalRankConfig) -> Any:
 
         raw = datasets.load(source.dataset, source.data_dir)
         return protocol.make_splits(raw, config.protocol)
+    if source.partitions:  # a daily window (tasks/partitions.py): the last partition is held out
+        from dataclasses import replace
+
+        from goalrank_core.partitions import PartitionError, split_window
+
+        if len(source.partitions) < 2:  # an empty partition list would mean "the whole folder"
+            raise PartitionError(f"{source.impressions}: a window needs at least 2 partitions (training days and "
+                                 f"the held-out newest day), got {list(source.partitions)}")
+        train = _read_impressions(replace(source, partitions=tuple(source.partitions[:-1])))
+        held = _read_impressions(replace(source, partitions=(source.partitions[-1],)))
+        return split_window(train, held, _read_items(source.items), config.window.test_fraction,
+                            source.partitions[-1])
     return protocol.split_impressions(_read_impressions(source), _read_items(source.items))
 
 

@@ -36,6 +36,7 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            _local_ray_on_loopback()
             cpus = num_cpus or int(os.environ.get("GOALRANK_RAY_NUM_CPUS", "0")) or os.cpu_count() or 1
             kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}
             tmp = temp_dir or os.environ.get("GOALRANK_RAY_TMPDIR")
@@ -45,6 +46,19 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
             ray.init(**kwargs)
         _quiet_data_context()
     return dict(ray.cluster_resources())
+
+
+def _local_ray_on_loopback() -> None:
+    """A local Ray binds its servers to the host's outward IP and every interface by default;
+    its single-machine mode (the switch is named for the platforms where it is the default)
+    keeps them on 127.0.0.1 (tests/test_reliability_security.py). Set
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out. The constant is read when ray is imported,
+    so it is also set here in case ray was imported before this call."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].strip().lower() in ("0", "false"):
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _quiet_data_context() -> None:

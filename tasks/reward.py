@@ -21,9 +21,9 @@ class RewardSpec(TrainSpec):
     what = "reward"
     higher_is_better = False
 
-    def __init__(self, config_dict: dict, prepared: str):
+    def __init__(self, config_dict: dict, prepared: str, init: str | None = None):
         super().__init__(config_dict, GoalRankConfig.from_dict(config_dict).train.reward_epochs)
-        self.prepared = prepared
+        self.prepared, self.init = prepared, init
 
     def setup(self, rank: int) -> torch.nn.Module:
         from goalrank_core.fit import encode
@@ -34,6 +34,8 @@ class RewardSpec(TrainSpec):
             table = storage.read_table(storage.join(self.prepared, "valid"), None, "reward: valid split")
             self.valid = encode(self.bundle, table) if table.num_rows else None
         model = self.bundle.build("reward")
+        if self.init is not None:  # warm start (flows/daily_ops.py): a bundle built on this vocabulary
+            model.load_state_dict(load_bundle(storage.join(self.init, "model"), "reward: init").require("reward").state_dict())
         self.augment = model.cfg.augment_lists
         return model
 
@@ -56,15 +58,19 @@ class RewardSpec(TrainSpec):
         return mean_reward_loss(model, self.valid, 4 * self.config.train.batch_size)
 
 
-def train_reward_model(prepared: str, out: str, config: GoalRankConfig, *, max_failures: int | None = None) -> StageResult:
-    """Stage 2: see the module docstring. `max_failures`: worker failures to recover from
-    (default GOALRANK_TRAIN_MAX_FAILURES or 1)."""
+def train_reward_model(prepared: str, out: str, config: GoalRankConfig, *, init: str | None = None,
+                       max_failures: int | None = None) -> StageResult:
+    """Stage 2: see the module docstring. `init`: a folder whose `model/` bundle holds a
+    "reward" model on the prepared vocabulary to start from (warm start); `max_failures`:
+    worker failures to recover from (default GOALRANK_TRAIN_MAX_FAILURES or 1)."""
     ensure_ray()
     inputs = {"prepared": prepared}
+    if init is not None:  # only then: a cold run's fingerprint stays what it was
+        inputs["init"] = init
     key, _ = stage_fingerprint("reward", config, inputs)
 
     def body(out: str) -> dict:
-        spec = RewardSpec(config.to_dict(), storage.normalize(prepared))
+        spec = RewardSpec(config.to_dict(), storage.normalize(prepared), storage.normalize(init) if init else None)
         return train_and_save(spec, storage.join(prepared, "train"), out, "reward", key, config, "reward", "reward",
                            storage.join(prepared, "vocab"), max_failures)
 

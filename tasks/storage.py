@@ -395,8 +395,8 @@ def run_stage(
     elif exists(out):
         print(f"[{stage}] {out} has no manifest (interrupted run): clearing and redoing it", flush=True)
     delete(out)
-    fs, path = filesystem(out)
-    fs.create_dir(path, recursive=True)
+    # No folder is created up front: writers create what they write, so a body that fails on
+    # bad input before writing leaves nothing in storage (issue 8).
 
     t0 = time.time()
     with PeakMemory() as mem:

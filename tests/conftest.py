@@ -101,3 +101,16 @@ def ray_session(s3_server):
     yield resources
     shutdown()
     subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (and database) for the session, under a temp PREFECT_HOME;
+    shared by every test that runs flows or tasks (starting one costs 15-30 s here)."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield home

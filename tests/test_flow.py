@@ -13,17 +13,6 @@ from flow_helpers import TINY_OVERRIDES, synth_source
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield home
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_harness, ray_session):
     # One Ray Data actor per pool: on 2 cores a second one only adds start-up time and memory.

@@ -157,10 +157,14 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path):
     res = prepare(DataSource(impressions=str(tmp_path / "logs")), str(tmp_path / "out"), cfg)
     t = res.manifest["tables"]
     assert (t["train"]["rows"], t["valid"]["rows"], t["test"]["rows"]) == (6, 3, 3)
-    one_day = prepare(DataSource(impressions=str(tmp_path / "logs"), partitions=("date=2024-01-01",)),
-                      str(tmp_path / "out1"), cfg)
-    assert one_day.manifest["partitions"] == ["date=2024-01-01"]
-    assert sum(one_day.manifest["tables"][s]["rows"] for s in ("train", "valid", "test")) == 6
+    # A daily window: exactly the named partitions, the newest held out for valid/test.
+    days = ("date=2024-01-01", "date=2024-01-02")
+    window = prepare(DataSource(impressions=str(tmp_path / "logs"), partitions=days), str(tmp_path / "out1"), cfg)
+    assert window.manifest["partitions"] == list(days)
+    t = window.manifest["tables"]
+    assert t["train"]["rows"] == 6 and t["valid"]["rows"] + t["test"]["rows"] == 6
+    with pytest.raises(GoalRankInputError, match="at least 2 partitions"):
+        prepare(DataSource(impressions=str(tmp_path / "logs"), partitions=days[:1]), str(tmp_path / "out3"), cfg)
     broken = table.set_column(6, "labels", pa.array([[float("nan")] * 3] * 12, pa.list_(pa.float32())))
     pq.write_table(broken, tmp_path / "broken.parquet")
     with pytest.raises(Exception, match="labels"):

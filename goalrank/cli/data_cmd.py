@@ -31,9 +31,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--items", type=int, default=500, help="number of items (default 500)")
     s.add_argument("--requests", type=int, default=10, help="requests per user (default 10)")
     s.add_argument("--categories", type=int, default=8, help="item categories (default 8)")
-    s.add_argument("--days", type=int, default=1, help="spread requests over this many days (default 1)")
+    s.add_argument("--days", type=int, default=None,
+                   help="write K days as a date-partitioned dataset OUT/impressions/date=YYYY-MM-DD/ (one partition "
+                        "a day, --requests per user each day; the same date always gets the same data)")
+    s.add_argument("--start", metavar="YYYY-MM-DD", default=None,
+                   help="first day written with --days (default 2023-11-15); e.g. --days 1 --start DAY lands one new day")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=_synth)
+
+    r = sub.add_parser("replay", help="replay a public data set as a date-partitioned log, one partition a day",
+                       description="Run the protocol on a data set and write every request to "
+                                   "OUT/impressions/date=YYYY-MM-DD/ by the UTC day of its timestamp, plus "
+                                   "OUT/items.parquet. Amazon-Book has no timestamps: each user's requests, in the "
+                                   "protocol's synthetic order, are spread over --days days from --start.")
+    r.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="data set name")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (local or s3://bucket/prefix)")
+    r.add_argument("--data-dir", metavar="DIR", help="where data sets live (default: $GOALRANK_DATA_DIR)")
+    r.add_argument("--config", metavar="FILE", help="YAML or JSON config (protocol settings under 'protocol:')")
+    r.add_argument("--days", type=int, default=30, help="data without timestamps: days to spread over (default 30)")
+    r.add_argument("--start", metavar="YYYY-MM-DD", default=None,
+                   help="data without timestamps: first day (default 2023-11-15)")
+    r.set_defaults(func=_replay)
 
     d = sub.add_parser("download", help="fetch a public data set from its canonical URL",
                        description="Download NAME into DATA_DIR/NAME from its canonical URL and verify its checksum.")
@@ -64,6 +82,9 @@ def _synth(args: argparse.Namespace) -> int:
 
     from goalrank_core.synth import synth_impressions
 
+    if args.days is not None or args.start is not None:
+        return _synth_days(args)
+
     imp, items, _ = synth_impressions(n_users=args.users, n_items=args.items, requests_per_user=args.requests,
                                       n_categories=args.categories, days=args.days, seed=args.seed)
     out = Path(args.out)
@@ -71,6 +92,63 @@ def _synth(args: argparse.Namespace) -> int:
     pq.write_table(imp, out / "impressions.parquet")
     pq.write_table(items, out / "items.parquet")
     print(f"wrote {out / 'impressions.parquet'} ({imp.num_rows} requests) and {out / 'items.parquet'} ({items.num_rows} items)")
+    return 0
+
+
+def _synth_days(args: argparse.Namespace) -> int:
+    """`synth --days K`: one partition a day, each day's draws fixed by (seed, date)."""
+    from datetime import timedelta
+
+    from goalrank_core.errors import ConfigError
+    from goalrank_core.partitions import parse_date, partition_name
+    from goalrank_core.replay import SYNTH_START, synth_day
+    from tasks import storage
+    from tasks.partitions import write_file, write_partition
+
+    days = 1 if args.days is None else args.days
+    if days < 1:
+        raise ConfigError(f"--days must be >= 1, got {days}")
+    start = parse_date(args.start, "--start") if args.start else SYNTH_START
+    dataset = storage.join(storage.normalize(args.out), "impressions")
+    total, items = 0, None
+    for i in range(days):
+        day = start + timedelta(days=i)
+        imp, items = synth_day(day, n_users=args.users, n_items=args.items, requests_per_user=args.requests,
+                               n_categories=args.categories, seed=args.seed)
+        write_partition(imp, dataset, day)
+        total += imp.num_rows
+    write_file(items, storage.join(storage.normalize(args.out), "items.parquet"))
+    last = start + timedelta(days=days - 1)
+    print(f"wrote {dataset}/{partition_name(start)} .. {partition_name(last)} ({days} partition(s), {total} requests) "
+          f"and {args.out}/items.parquet ({items.num_rows} items)")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from goalrank.cli.common import load_config
+    from goalrank_core.partitions import by_day, parse_date, partition_name, spread_over_days
+    from goalrank_core.replay import SYNTH_START, replay_splits
+    from goalrank_core.schemas import ITEMS
+    from tasks import storage
+    from tasks.partitions import write_file, write_partition
+
+    config = load_config(args.config)
+    table, items, has_time = replay_splits(args.dataset, args.data_dir, config.protocol)
+    if not has_time:
+        start = parse_date(args.start, "--start") if args.start else SYNTH_START
+        print(f"{args.dataset} has no timestamps: spreading each user's requests, in the protocol's synthetic order, "
+              f"over {args.days} days from {start.isoformat()}")
+        table = spread_over_days(table, args.days, start)
+    out = storage.normalize(args.out)
+    dataset = storage.join(out, "impressions")
+    days = by_day(table)
+    for day, part in days.items():
+        write_partition(part, dataset, day)
+    if items is not None:
+        write_file(items.cast(ITEMS), storage.join(out, "items.parquet"))
+    first, last = min(days), max(days)
+    print(f"wrote {dataset}/{partition_name(first)} .. {partition_name(last)} ({len(days)} partition(s), "
+          f"{table.num_rows} requests){' and ' + out + '/items.parquet' if items is not None else ''}")
     return 0
 
 

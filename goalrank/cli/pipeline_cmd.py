@@ -1,5 +1,5 @@
-"""`goalrank run | serve | promote`: the daily flow once, as a scheduled deployment, and the
-registry's promotion by hand.
+"""`goalrank run | serve | promote | backfill`: the daily flow once, as a scheduled deployment, the
+registry's promotion by hand, and the daily flow over a range of dates.
 
 `run` needs no server: with no PREFECT_API_URL, Prefect starts a temporary local server whose
 database lives under the workspace (PREFECT_HOME), Ray starts locally, MLflow writes a
@@ -53,6 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="config file (for L in the default metric)")
     p.set_defaults(func=cmd_promote)
 
+    p = sub.add_parser("backfill", help="run the daily flow for each date of a range, skipping completed dates",
+                       description="Run goalrank-daily for every run date from --from to --to (inclusive), in order, "
+                                   "with the date as run id. A date whose run record ({storage}/{dataset}/{date}/"
+                                   "registry/_manifest.json) exists with the same config hash is skipped. Stops at "
+                                   "the first failed date.")
+    add_data_source_args(p)
+    p.add_argument("--from", dest="date_from", required=True, metavar="YYYY-MM-DD", help="first run date")
+    p.add_argument("--to", dest="date_to", required=True, metavar="YYYY-MM-DD", help="last run date (inclusive)")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_backfill)
+
 
 def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URI", help="artifact storage: folder or s3://bucket/prefix (default: settings)")
@@ -67,6 +78,8 @@ def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--promotion-metric", help="validation metric deciding promotion (default ndcg@L)")
     p.add_argument("--promotion-margin", type=float, default=0.0,
                    help="new model must reach champion + margin (default 0: no worse)")
+    p.add_argument("--cold", action="store_true",
+                   help="train from scratch instead of warm-starting from the champion's weights")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -119,6 +132,7 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "run_id": args.run_id, "run_date": args.run_date,
         "config": model or None, "overrides": overrides or None,
         "promotion_metric": args.promotion_metric, "promotion_margin": args.promotion_margin,
+        "cold": True if getattr(args, "cold", False) else None,
     }
     for name in ("storage", "tracking_uri", "experiment", "model_name", "data_dir"):
         value = getattr(st, name)
@@ -132,13 +146,46 @@ def _workspace() -> Path:
     return Path.cwd() / ".goalrank"
 
 
+def preflight_inputs(args: argparse.Namespace) -> None:
+    """Validate local impressions (and items) before Prefect, Ray or MLflow start, so bad
+    input fails in a second with one line and nothing written. Inputs on S3 are validated by
+    the prepare stage on the Ray workers instead (it writes nothing before they pass)."""
+    from goalrank_core.validate import read_impressions, read_items
+
+    if args.impressions and "://" not in args.impressions:
+        read_impressions(args.impressions)
+    if getattr(args, "items", None) and "://" not in args.items:
+        read_items(args.items)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = flow_parameters(args)
+    preflight_inputs(args)
     _use_local_prefect(_workspace())
     from flows.daily import goalrank_daily
 
     summary = goalrank_daily(**params)
     return 0 if summary.get("registered_version") else 1
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from goalrank_core.errors import ConfigError
+    from goalrank_core.partitions import date_range, parse_date
+
+    first, last = parse_date(args.date_from, "--from"), parse_date(args.date_to, "--to")
+    if last < first:
+        raise ConfigError(f"--to {last.isoformat()} is before --from {first.isoformat()}")
+    if args.run_id or args.run_date:
+        raise ConfigError("backfill sets the run date and run id of each run to the date; drop --run-id/--run-date")
+    params = flow_parameters(args)
+    _use_local_prefect(_workspace())
+    from flows.daily_ops import backfill
+
+    rows = backfill(date_range(first, last), params)
+    ran = [r["date"] for r in rows if r["ran"]]
+    print(f"backfill {first.isoformat()}..{last.isoformat()}: ran {len(ran)} flow(s) {ran}, "
+          f"skipped {len(rows) - len(ran)} complete date(s)")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,74 @@
+"""Warm start: carry a trained model's weights over to a model built for new vocabularies.
+
+Day D + 1's training data has items and users that day D's model never saw, and lacks some
+it did. Embedding rows are matched by raw id: a row of an id present in both vocabularies is
+copied, a new id keeps its fresh initialisation, a dropped id is discarded. PAD and UNK rows
+(indices 0 and 1) are copied, so the learnt cold-start embedding carries over. Category
+embeddings are indexed by category number directly: overlapping rows are copied. Every other
+tensor must have the same name and shape, else the architectures differ (WarmStartMismatch)
+and the caller starts cold.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from goalrank_core.batch import Vocab
+from goalrank_core.errors import GoalRankInputError
+
+# state_dict key suffix -> which vocabulary indexes its rows
+VOCAB_ROWS = {"embed.item.weight": "item", "embed.user.weight": "user"}
+OVERLAP_ROWS = ("embed.category.weight",)
+
+
+class WarmStartMismatch(GoalRankInputError):
+    """The old weights do not fit the new model (another architecture or config)."""
+
+
+def _rows(old: torch.Tensor, fresh: torch.Tensor, old_vocab: Vocab, new_vocab: Vocab) -> tuple[torch.Tensor, int]:
+    """(V_old, d), (V_new, d) -> (V_new, d) with rows of shared ids copied; -> (tensor, shared)."""
+    out = fresh.clone()
+    out[:2] = old[:2]  # PAD, UNK
+    src = old_vocab.lookup(new_vocab.ids)  # (V_new - 2,) old index or UNK
+    hit = src >= 2
+    dst = np.flatnonzero(hit) + 2
+    out[torch.from_numpy(dst)] = old[torch.from_numpy(src[hit])]
+    return out, int(hit.sum())
+
+
+def remap_state(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], old_items: Vocab, new_items: Vocab,
+                old_users: Vocab, new_users: Vocab) -> tuple[dict[str, torch.Tensor], dict]:
+    """The fresh model's state_dict with every tensor taken from `old` (remapped where rows are
+    vocabulary-indexed). -> (state, stats: shared/new/dropped items and users)."""
+    missing, extra = sorted(set(fresh) - set(old)), sorted(set(old) - set(fresh))
+    if missing or extra:
+        raise WarmStartMismatch(f"warm start: parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    vocabs = {"item": (old_items, new_items), "user": (old_users, new_users)}
+    state: dict[str, torch.Tensor] = {}
+    shared = {"item": None, "user": None}
+    for key, f in fresh.items():
+        o = old[key]
+        kind = next((v for s, v in VOCAB_ROWS.items() if key.endswith(s)), None)
+        if kind is not None:
+            ov, nv = vocabs[kind]
+            if o.shape[0] != len(ov) or f.shape[0] != len(nv) or o.shape[1:] != f.shape[1:]:
+                raise WarmStartMismatch(f"warm start: '{key}' has shape {tuple(o.shape)}, expected "
+                                        f"({len(ov)}, ...) for the old {kind} vocabulary and {tuple(f.shape)} now")
+            state[key], shared[kind] = _rows(o, f, ov, nv)
+        elif key.endswith(OVERLAP_ROWS) and o.shape[1:] == f.shape[1:]:
+            t = f.clone()
+            n = min(o.shape[0], f.shape[0])
+            t[:n] = o[:n]
+            state[key] = t
+        elif o.shape != f.shape:
+            raise WarmStartMismatch(f"warm start: '{key}' has shape {tuple(o.shape)} in the old model, "
+                                    f"{tuple(f.shape)} in the new one")
+        else:
+            state[key] = o.clone()
+    stats = {}
+    for kind, (ov, nv) in vocabs.items():
+        s = shared[kind] or 0
+        stats[f"{kind}s_shared"] = s
+        stats[f"{kind}s_new"] = len(nv.ids) - s
+        stats[f"{kind}s_dropped"] = len(ov.ids) - s
+    return state, stats

@@ -1,0 +1,133 @@
+"""The evidence benchmarks: the report generator on hand-made result files, the statistics,
+and one benchmark (latency) end to end at a tiny size on synthetic data."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.common import Recorder, seed_summary, t975, table
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+
+
+def _main_doc(mode="quick", load=0.5):
+    return {"benchmark": "main_table", "mode": mode, "command": f"python -m bench.main_table --mode {mode}",
+            "finished_at": "2026-01-01T00:00:00", "wall_s": 12.0, "git": {"sha": "0123456789abcdef", "dirty": False},
+            "machine": {"cpus": 2, "cpu_model": "Test CPU", "mem_gb": 8.0, "platform": "Linux", "python": "3.11.7",
+                        "torch": "2.13.0+cpu", "cuda": False, "load_avg_start": load, "load_avg_end": load},
+            "tables": [table("Table 1, ml-100k", ["policy", "HR@6"], [["GoalRank", "0.2500"], ["random", "0.1|0.2"]],
+                             "one seed")],
+            "notes": ["a note from the numbers"]}
+
+
+def test_report_renders_tables_provenance_and_flat_results(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    _write(res / "main_table_quick.json", _main_doc("quick", load=3.0))
+    _write(res / "main_table_full.json", _main_doc("full"))
+    _write(res / "bench_score_quick.json", {"benchmark": "bench_score", "mode": "quick",
+                                            "machine": {"cpus": 2, "load_avg_1m": 0.1},
+                                            "ratio_1_actor_vs_bare": 0.91, "ray_1_actor": {"lists_per_s": 1234.5},
+                                            "per_epoch": [1, 2, 3]})
+    out = report.write_report(res, tmp_path / "docs" / "results.md", plots=False)
+    text = out.read_text()
+    assert text.startswith("# Results")
+    assert "`python -m bench.main_table --mode full`" in text and "2 CPUs (Test CPU)" in text
+    assert "0123456789ab" in text
+    assert "| GoalRank | 0.2500 |" in text
+    assert "0.1\\|0.2" in text  # a cell's pipe is escaped, not a column break
+    assert "a note from the numbers" in text
+    # full before quick, and the main table before the stage benchmarks
+    assert text.index("main_table, full mode") < text.index("main_table, quick mode") < text.index("bench_score, quick")
+    # only the loaded run is flagged
+    assert text.count("taken under load") == 1
+    # a result without tables: its numbers as key/value rows; lists stay in the JSON
+    assert "| ratio_1_actor_vs_bare | 0.91 |" in text and "| ray_1_actor.lists_per_s | 1234 |" in text
+    assert "per_epoch" not in text
+
+
+def test_report_rejects_a_bad_result_file_by_name(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json"):
+        report.load_results(tmp_path)
+    (tmp_path / "broken.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="benchmark"):
+        report.load_results(tmp_path)
+
+
+def test_report_draws_the_scaling_plot(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    pts = [{"params": p, "mixture_params": p - 10, "goalrank": {"ndcg@6": v}, "supervised": {"ndcg@6": v - 0.01},
+            "mixture": {"ndcg@6": v - 0.02}} for p, v in ((1e4, 0.2), (1e5, 0.25), (1e6, 0.27))]
+    _write(res / "scaling_quick.json", {"benchmark": "scaling", "mode": "quick", "config": {"dataset": "x", "k": 4},
+                                        "tables": [], "data": {"points": pts}})
+    out = report.write_report(res, tmp_path / "docs" / "results.md")
+    png = tmp_path / "docs" / "scaling.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![scaling](scaling.png)" in out.read_text()
+
+
+def test_seed_summary_is_mean_std_and_t_interval():
+    s = seed_summary([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0)
+    assert s["ci_high"] - s["mean"] == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
+    one = seed_summary([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["std"]) and math.isnan(one["ci_low"])
+    assert t975(1) == 12.706 and t975(100) == 1.96
+
+
+def test_gain_is_over_the_best_other_row():
+    from bench.main_table import gains
+
+    summ = {"GoalRank": {"hr@6": {"mean": 0.33}}, "PRM": {"hr@6": {"mean": 0.30}}, "random": {"hr@6": {"mean": 0.1}}}
+    g = gains(summ)["hr@6"]
+    assert g["best_baseline"] == "PRM" and g["gain_pct"] == pytest.approx(10.0)
+
+
+def test_group_stats_measure_the_reward_spread():
+    from bench.group_size import group_stats
+    from goalrank_core.trainer import Groups
+
+    rewards = np.array([[1.0, 3.0, 0.0], [2.0, 2.0, 2.0]], np.float32)
+    mask = np.array([[True, True, False], [True, True, True]])
+    pi = np.array([[0.25, 0.75, 0.0], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+    pids = np.array([[0, 1, -1], [0, 0, 1]])
+    g = group_stats(Groups(np.zeros((2, 3, 4), np.int64), pi, mask, rewards, pids), ["popularity", "goalrank"])
+    assert g["reward_std"] == pytest.approx((1.0 + 0.0) / 2)  # population std per group, then the mean
+    assert g["group_size"] == pytest.approx(2.5)
+    assert g["effective_lists"] == pytest.approx((math.exp(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))) + 3) / 2, rel=1e-5)
+    assert g["generator_share"] == pytest.approx(2 / 5)
+
+
+def test_latency_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
+    """A real fit (tiny), real GoalRank and G-E pipelines timed, a result file and its report."""
+    from bench import latency
+    from gr_helpers import synth_tables, tiny_config
+    from goalrank_core.fit import encode, fit_tables
+
+    splits, _ = synth_tables(n_users=16, requests_per_user=4)
+    bundle = fit_tables(splits.train, splits.valid, tiny_config(), splits.items, log=lambda m: None)
+    data = encode(bundle, splits.test)
+    t1 = latency.measure(bundle, data, 1, n_calls=6, warmup=1)
+    t8 = latency.measure(bundle, data, 8, n_calls=3, warmup=1)
+    assert {k: len(v) for k, v in t1.items()} == {"goalrank": 6, "g-e": 6}
+    assert all(x > 0 for v in t8.values() for x in v)
+    s = latency.summarise(t1, t8, 8)
+    assert s["batch_1"]["ratio_p50"] > 0 and s["batch_8"]["goalrank"]["amortised_ms_per_request"] > 0
+    parts = latency.breakdown(bundle, data, 4, reps=2)
+    assert "goalrank: encoder" in parts and any(k.startswith("g-e: reward model") for k in parts)
+    assert any(k.startswith("g-e: supervised") for k in parts)
+    rec = Recorder("latency", "quick", command="pytest tiny latency")
+    path = rec.write({"tables": [table("ratio", ["batch", "ratio"], [[1, round(s["batch_1"]["ratio_p50"], 3)]])],
+                      "data": {"summary": s}}, results_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    assert doc["command"] == "pytest tiny latency" and doc["machine"]["cpus"] >= 1 and doc["wall_s"] >= 0
+    text = report.write_report(tmp_path, tmp_path / "results.md", plots=False).read_text()
+    assert "pytest tiny latency" in text and f"| 1 | {round(s['batch_1']['ratio_p50'], 3)} |" in text
