@@ -28,7 +28,7 @@ from bench.common import Recorder, log_to, seed_summary, table
 
 SIZES = (3, 5, 10, 20, 50, 100)
 MODES = {
-    "quick": {"sizes": SIZES, "seeds": 1, "dataset": "ml-100k", "max_users": 150,
+    "quick": {"sizes": SIZES, "seeds": 1, "dataset": "ml-100k", "max_users": 100,
               "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 2, "train.epochs": 1, "group.rounds": 1}},
     "full": {"sizes": SIZES, "seeds": 3, "dataset": "ml-100k", "max_users": 0, "overrides": {}},
 }
@@ -45,13 +45,18 @@ def group_stats(groups, names: list[str]) -> dict[str, float]:
     ent = -(np.where(pi > 0, pi * np.log(np.where(pi > 0, pi, 1)), 0)).sum(1)
     gen_id = names.index("goalrank") if "goalrank" in names else -2
     is_gen = (groups.policy_ids == gen_id) & mask
-    gen_r = r[is_gen].mean() if is_gen.any() else float("nan")
-    aux_r = r[mask & ~is_gen].mean() if (mask & ~is_gen).any() else float("nan")
+    gen_r = float(r[is_gen].mean()) if is_gen.any() else None  # None: no generator sample in the group
+    aux_r = float(r[mask & ~is_gen].mean()) if (mask & ~is_gen).any() else None
     return {"group_size": float(n.mean()), "reward_std": float(std[ok].mean()) if ok.any() else 0.0,
             "best_minus_mean": float((best - mean)[ok].mean()) if ok.any() else 0.0,
             "effective_lists": float(np.exp(ent)[ok].mean()) if ok.any() else 1.0,
             "generator_share": float(is_gen.sum() / mask.sum()), "generator_pi_mass": float((pi * is_gen).sum(1).mean()),
-            "reward_generator_lists": float(gen_r), "reward_auxiliary_lists": float(aux_r)}
+            "reward_generator_lists": gen_r, "reward_auxiliary_lists": aux_r}
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
 
 
 def run_seed(splits, cfg, sizes, seed: int, verbose: bool) -> dict[int, dict]:
@@ -117,7 +122,7 @@ def explain(sizes: list[int], summ: dict, stats: dict, n_aux: int) -> str:
                  "pi_ref weighs about " + ", ".join(f"{stats[b]['effective_lists']:.1f}" for b in sizes)
                  + " lists effectively.")
     big = [b for b in sizes if b > n_aux]
-    if big:
+    if big and stats[big[-1]]["reward_generator_lists"] is not None:
         g = stats[big[-1]]
         parts.append(f"At |B| = {big[-1]} the generator's samples score {g['reward_generator_lists']:.4f} on average "
                      f"against {g['reward_auxiliary_lists']:.4f} for the auxiliary lists and carry "
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     summ = {b: {m: seed_summary([r[b][m] for r in runs]) for m in ("hr@6", "ndcg@6")} for b in sizes}
     keys = ("group_size", "reward_std", "best_minus_mean", "effective_lists", "generator_share", "generator_pi_mass",
             "reward_generator_lists", "reward_auxiliary_lists", "fit_s")
-    stats = {b: {k: float(np.nanmean([r[b][k] for r in runs])) for k in keys} for b in sizes}
+    stats = {b: {k: _mean([r[b][k] for r in runs]) for k in keys} for b in sizes}
 
     def f(s: dict) -> str:
         return f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] >= 2 else f"{s['mean']:.4f}"
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tables": [table(f"Group size |B| ({mode['dataset']}, {'all' if not max_users else max_users} users, test split)",
                          ["|B|", "HR@6", "NDCG@6", "real group size", "reward spread (std)", "best - mean reward",
                           "effective lists (pi_ref)", "generator samples in group", "fit s"], rows,
-                         f"{'mean ± std over' if len(seeds) > 1 else 'one seed of'} {len(seeds)} seed(s); group "
+                         (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else "one seed (quick mode: no spread)") + "; group "
                          "statistics on the round-1 groups of up to 1,000 training requests; 'fit s' is generator "
                          "training only, except the first size, which also fits the reward model and policies.")],
         "notes": [f"Where is the optimum, and why: {text}"],

@@ -91,17 +91,19 @@ def run_flow(source: list[str], sets: list[str], work: Path, run_id: str, timeou
     storage, log = work / "artifacts", work / f"{run_id}.log"
     cmd = [_cli(), "run", *source, "--storage", str(storage), "--run-id", run_id,
            "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"] + [a for s in sets for a in ("--set", s)]
+    # A loaded machine needs longer than Prefect's default 20 s to start its temporary server.
     env = dict(os.environ, PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
                RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1")
     env.pop("PREFECT_API_URL", None)
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         with TreeMemory(proc.pid) as mem:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, 9)  # the run and what it started (Prefect server, Ray), nothing else
                 rc = proc.wait()
     wall = time.perf_counter() - t0
     stages = []
@@ -120,9 +122,16 @@ def run_flow(source: list[str], sets: list[str], work: Path, run_id: str, timeou
 
 
 def synth_data(work: Path, users: int, requests: int, seed: int = 0) -> list[str]:
+    """What `goalrank data synth` writes (same function, same defaults), written here."""
+    import pyarrow.parquet as pq
+
+    from goalrank_core.synth import synth_impressions
+
     out = work / f"synth-{users}"
-    subprocess.run([_cli(), "data", "synth", "--out", str(out), "--users", str(users), "--requests", str(requests),
-                    "--seed", str(seed)], check=True, capture_output=True, text=True)
+    out.mkdir(parents=True, exist_ok=True)
+    imp, items, _ = synth_impressions(n_users=users, requests_per_user=requests, seed=seed)
+    pq.write_table(imp, out / "impressions.parquet")
+    pq.write_table(items, out / "items.parquet")
     return ["--impressions", str(out / "impressions.parquet"), "--items", str(out / "items.parquet")]
 
 
@@ -146,9 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--skip-datasets", action="store_true", help="only the synthetic growth runs")
+    ap.add_argument("--synth-users", type=int, help="synthetic users at scale x1 (default: the mode's)")
+    ap.add_argument("--scales", help="comma-separated scales (default 1,4,16)")
     args = ap.parse_args(argv)
     rec = Recorder("pipeline_cost", args.mode)
-    mode = MODES[args.mode]
+    mode = {**MODES[args.mode], "synth": dict(MODES[args.mode]["synth"])}
+    if args.synth_users:
+        mode["synth"]["users"] = args.synth_users
+    if args.scales:
+        mode["synth"]["scales"] = [int(x) for x in args.scales.split(",")]
     runs: dict[str, dict] = {}
     tables = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
@@ -190,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Growth with the number of requests (synthetic: {syn['users']} users x {syn['requests']} requests at x1)",
         ["scale", "requests", "run wall s", "stages wall s", "peak MB (tree)"] + [f"{s} s" for s in stage_names] + ["rc"],
         rows,
-        f"Least-squares fit over the three runs: run wall = {fits['wall_s']['fixed']:.0f} s + "
+        f"Least-squares fit over the {len(growth)} runs: run wall = {fits['wall_s']['fixed']:.0f} s + "
         f"{fits['wall_s']['per_1k_requests']:.1f} s per 1,000 requests; stage wall = "
         f"{fits['stage_wall_sum_s']['fixed']:.0f} s + {fits['stage_wall_sum_s']['per_1k_requests']:.1f} s per 1,000; "
         f"peak memory = {fits['peak_mb']['fixed']:.0f} MB + {fits['peak_mb']['per_1k_requests']:.1f} MB per 1,000."))

@@ -20,14 +20,14 @@ from bench.common import ROOT, Recorder, table
 
 # name -> (module, time limit in seconds: quick, full). Order: cheapest evidence first.
 BENCHMARKS = {
-    "latency": ("bench.latency", 300, 3600),
-    "throughput": ("bench.throughput", 300, 3600),
-    "main_table": ("bench.main_table", 600, 6 * 3600),
-    "group_size": ("bench.group_size", 400, 6 * 3600),
-    "scaling": ("bench.scaling", 400, 6 * 3600),
-    "pipeline_cost": ("bench.pipeline_cost", 600, 4 * 3600),
-    "bench_score": ("bench.bench_score", 300, 3600),
-    "bench_train_generator": ("bench.bench_train_generator", 300, 3600),
+    "latency": ("bench.latency", 400, 3600),
+    "throughput": ("bench.throughput", 400, 3600),
+    "main_table": ("bench.main_table", 900, 6 * 3600),
+    "group_size": ("bench.group_size", 700, 6 * 3600),
+    "scaling": ("bench.scaling", 700, 6 * 3600),
+    "pipeline_cost": ("bench.pipeline_cost", 900, 4 * 3600),
+    "bench_score": ("bench.bench_score", 400, 3600),
+    "bench_train_generator": ("bench.bench_train_generator", 400, 3600),
 }
 
 

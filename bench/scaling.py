@@ -23,8 +23,8 @@ from bench.common import Recorder, evaluate, log_to, rank_with_policy, table
 
 # (d_model, n_layers, n_heads) per size; parameters depend on the data's vocabulary too.
 MODES = {
-    "quick": {"sizes": [(16, 1, 2), (64, 2, 4), (128, 2, 4), (256, 4, 8)], "k": 4, "dataset": "ml-100k",
-              "max_users": 150, "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 2, "train.epochs": 1,
+    "quick": {"sizes": [(8, 1, 2), (32, 1, 2), (96, 2, 4), (192, 2, 4)], "k": 4, "dataset": "ml-100k",
+              "max_users": 100, "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 1, "train.epochs": 1,
                                               "group.rounds": 1}},
     "full": {"sizes": [(16, 1, 2), (32, 1, 2), (64, 2, 4), (128, 2, 4), (256, 4, 8), (384, 4, 8), (512, 6, 8)],
              "k": 4, "dataset": "ml-100k", "max_users": 0, "overrides": {}},
@@ -65,11 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--max-users", type=int)
     ap.add_argument("--k", type=int, help="generators in the mixture (default 4)")
+    ap.add_argument("--sizes", help="comma-separated DxLAYERSxHEADS, e.g. 16x1x2,64x2x4 (default: the mode's)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     rec = Recorder("scaling", args.mode)
     mode = MODES[args.mode]
     k = args.k or mode["k"]
+    if args.sizes:
+        mode = {**mode, "sizes": [tuple(int(v) for v in x.split("x")) for x in args.sizes.split(",")]}
     max_users = mode["max_users"] if args.max_users is None else args.max_users
 
     from goalrank_core.baselines import GeneratorEvaluator

@@ -28,7 +28,7 @@ import torch
 from bench.common import Recorder, log_to, table
 
 MODES = {
-    "quick": {"dataset": "ml-100k", "max_users": 150, "epochs": 3, "repeats": 3,
+    "quick": {"dataset": "ml-100k", "max_users": 100, "epochs": 3, "repeats": 3,
               "overrides": {"train.reward_epochs": 1, "train.aux_epochs": 1, "train.epochs": 1, "group.rounds": 1}},
     "full": {"dataset": "ml-100k", "max_users": 0, "epochs": 3, "repeats": 3, "overrides": {}},
 }

@@ -182,6 +182,8 @@ class ModelBundle:
             extra = pq.read_table(extra_path)
             item_category.update(zip(extra.column("item_id").to_pylist(), extra.column("category").to_pylist()))
         users = pq.read_table(os.path.join(path, "users.parquet")).column("user_id").to_numpy().astype(np.int64)
+        # Bundles written before reward.context_layers existed have reward models without it.
+        meta["config"].get("reward", {}).setdefault("context_layers", 0)
         bundle = cls(GoalRankConfig.from_dict(meta["config"]), Vocab(ids), Vocab(users), item_category,
                      Dims(**meta["dims"]))
         for name, kind in meta["models"].items():

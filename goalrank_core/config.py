@@ -115,7 +115,7 @@ class GroupConfig:
     generator_samples: int = _help("lists sampled from the current generator per request", 8)
     tau: float = _help("softmax temperature of pi_ref", 1.0)
     eps: float = _help("added to the group std before dividing", 1e-6)
-    rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round)", 2)
+    rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round)", 1)
     logged_list: bool = _help(
         "put a training request's logged list (the behaviour policy's proposal) first in its group; "
         "training groups only, never used to rank", True)
@@ -132,8 +132,8 @@ class GroupConfig:
 class TrainConfig:
     """Optimisation settings shared by every trained model."""
 
-    epochs: int = _help("epochs of generator training per round", 3)
-    reward_epochs: int = _help("epochs of reward-model training", 4)
+    epochs: int = _help("epochs of generator training per round", 2)
+    reward_epochs: int = _help("epochs of reward-model training", 3)
     aux_epochs: int = _help("epochs of the neural auxiliary policies", 3)
     batch_size: int = _help("requests per batch (per worker under DDP)", 256)
     lr: float = _help("AdamW learning rate", 2e-3)

@@ -15,6 +15,7 @@ so its first round of samples is already sensible.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,15 @@ def encode(bundle: ModelBundle, table: pa.Table) -> EncodedRequests:
 
 def _max_len(table: pa.Table, col: str) -> int:
     return max((len(c) for c in table.column(col).to_pylist()), default=1)
+
+
+@dataclass
+class Proposals:
+    """Unscored proposals for every row of an EncodedRequests (numpy)."""
+
+    lists: np.ndarray  # (R, G, L) int64 positions, -1 rows where a group is smaller
+    policy_ids: np.ndarray  # (R, G) int64 index into names, -1 padding
+    names: list[str]
 
 
 class GeneratorPolicy:
@@ -102,8 +112,10 @@ def group_proposals(batch: RequestBatch, aux: list, generator: nn.Module | None,
 
 @torch.no_grad()
 def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None, reward: nn.Module,
-                   config: GoalRankConfig, seed: int, batch_size: int = 512) -> tuple[Groups, list[str]]:
-    """Groups for every row of `data` (`group_proposals`), deduplicated to |B| and scored.
+                   config: GoalRankConfig, seed: int, batch_size: int = 512,
+                   proposals: Proposals | None = None) -> tuple[Groups, list[str]]:
+    """Groups for every row of `data` (`group_proposals`, or the precomputed `proposals`
+    behind the logged list), deduplicated to |B| and scored.
     -> (Groups, policy names indexed by Groups.policy_ids)."""
     dev = next(reward.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -112,10 +124,19 @@ def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None
     names: list[str] = []
     for idx in iterate_batches(len(data), batch_size, False):
         b = data.batch(idx, dev)
-        lists, batch_names = group_proposals(b, aux, generator, config, gen)
-        if not names:
-            names = list(dict.fromkeys(batch_names))
-        pid = torch.tensor([names.index(n) for n in batch_names], device=dev).expand(len(b), -1)
+        if proposals is not None:
+            logged = config.group.logged_list
+            names = (["logged"] if logged else []) + proposals.names
+            lists = torch.from_numpy(proposals.lists[idx]).to(dev)  # (B, G, L)
+            pid = torch.from_numpy(proposals.policy_ids[idx]).to(dev) + int(logged)  # (B, G)
+            if logged:
+                lists = torch.cat([b.shown[:, None, :], lists], dim=1)
+                pid = torch.cat([torch.zeros_like(pid[:, :1]), pid], dim=1)
+        else:
+            lists, batch_names = group_proposals(b, aux, generator, config, gen)
+            if not names:
+                names = list(dict.fromkeys(batch_names))
+            pid = torch.tensor([names.index(n) for n in batch_names], device=dev).expand(len(b), -1)
         lists, mask, pids = dedup_lists(lists, pid, config.group.size)
         rewards = reward.score(b, lists.clamp(min=0))
         pi = reference_policy(rewards, mask, config.group.tau, config.group.eps)
@@ -148,27 +169,33 @@ def fit_policies(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
 
 @torch.no_grad()
 def proposer_lists(data: EncodedRequests, policies: list, generator: nn.Module | None, config: GoalRankConfig,
-                   seed: int, batch_size: int = 512) -> np.ndarray:
-    """The group proposers' lists for every row of `data` (no logged list, no scores),
-    deduplicated to |B| -> (R, |B|, L) positions, -1 rows where a group is smaller."""
+                   seed: int, batch_size: int = 512) -> Proposals:
+    """The group proposers' lists (auxiliary policies, then generator samples; no logged list,
+    no scores) for every row of `data`, deduplicated to |B|."""
     cfg = config.override({"group.logged_list": False})
     dev = next(generator.parameters()).device if generator is not None else torch.device("cpu")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    out = []
+    lists_out, pids_out, names = [], [], []
     for idx in iterate_batches(len(data), batch_size, False):
         b = data.batch(idx, dev)
-        lists, names = group_proposals(b, policies, generator, cfg, gen)
-        pid = torch.zeros(lists.shape[:2], dtype=torch.long, device=dev)
-        out.append(dedup_lists(lists, pid, cfg.group.size)[0].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, cfg.group.size, data.shown.shape[1]), np.int64)
+        lists, batch_names = group_proposals(b, policies, generator, cfg, gen)
+        names = names or list(dict.fromkeys(batch_names))
+        pid = torch.tensor([names.index(n) for n in batch_names], dtype=torch.long, device=dev).expand(len(b), -1)
+        lists, _, pids = dedup_lists(lists, pid, cfg.group.size)
+        lists_out.append(lists.cpu().numpy())
+        pids_out.append(pids.cpu().numpy())
+    if not lists_out:
+        return Proposals(np.zeros((0, cfg.group.size, data.shown.shape[1]), np.int64), np.zeros((0, cfg.group.size), np.int64), [])
+    return Proposals(np.concatenate(lists_out), np.concatenate(pids_out), names)
 
 
 def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, policies: list,
-                 log: Log = print) -> None:
+                 log: Log = print) -> Proposals | None:
     """The reward model into `bundle`: BCE on logged lists, augmented lists and (with
     `reward.group_lists` > 0) lists of the group proposers (`policies`, plus samples of the
     supervised generator if the bundle has one) labelled from the log, so it is trained on the
-    kind of lists it will rank; early stopping on the same measure on valid."""
+    kind of lists it will rank; early stopping on the same measure on valid.
+    -> the training requests' proposals (reused as the first round's groups), or None."""
     cfg = bundle.config
     props = vprops = None
     if cfg.reward.group_lists > 0 and policies:
@@ -179,8 +206,10 @@ def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
     set_seed(cfg.train.seed)
     reward = bundle.build("reward")
     log(f"reward model: {reward.num_parameters():,} parameters")
-    train_reward_model(train, valid, reward, cfg.train, log, proposals=props, valid_proposals=vprops)
+    train_reward_model(train, valid, reward, cfg.train, log, proposals=props.lists if props else None,
+                       valid_proposals=vprops.lists if vprops else None)
     bundle.add("reward", "reward", reward)
+    return props
 
 
 def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: ModelBundle, log: Log = print,
@@ -200,8 +229,9 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
         res = policy_resources(bundle)
         policies = build_auxiliary(res) + [res.extra["supervised"]]
     log(f"auxiliary policies: {', '.join(p.name for p in policies)} ({time.perf_counter() - t0:.0f}s so far)")
+    props = None  # the proposers' lists for the reward model are also round 1's groups
     if "reward" not in bundle.models:
-        train_reward(bundle, train, valid, policies, log)
+        props = train_reward(bundle, train, valid, policies, log)
         log(f"reward model trained ({time.perf_counter() - t0:.0f}s so far)")
     reward = bundle.models["reward"]
 
@@ -211,7 +241,8 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
         generator.load_state_dict(bundle.models["supervised"].state_dict())
     log(f"generator: {generator.num_parameters():,} parameters")
     for rnd in range(1, cfg.group.rounds + 1):
-        groups, names = propose_groups(train, policies, generator, reward, cfg, seed=cfg.train.seed + rnd)
+        groups, names = propose_groups(train, policies, generator, reward, cfg, seed=cfg.train.seed + rnd,
+                                       proposals=props if rnd == 1 else None)
         size = groups.mask.sum(1).mean()
         share = {n: float((groups.policy_ids == i).sum() / groups.mask.sum()) for i, n in enumerate(names)}
         top = np.take_along_axis(groups.policy_ids, groups.pi_ref.argmax(1)[:, None], 1)[:, 0]

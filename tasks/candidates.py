@@ -1,7 +1,7 @@
 """Stage `generate_candidates`: Ray Data `map_batches` over the training requests with a pool
 of actors, each holding the auxiliary policies (heuristics, point-wise DNN and its
 Plackett-Luce samples, PRM... as `policies.auxiliary` names, plus the supervised generator)
-and the current generator. Per request: every policy's lists, then
+and the current generator. Per request: the logged list (`group.logged_list`), every policy's lists, then
 `group.generator_samples` generator samples, deduplicated to |B| = `group.size`
 (goalrank_core.group.dedup_lists; earlier proposals win). Output: `{out}/groups/`
 (schemas.CANDIDATE_GROUPS). Without a generator (round 1) the supervised generator samples,
@@ -46,20 +46,15 @@ class Proposer:
 
     @torch.no_grad()
     def __call__(self, table: pa.Table) -> pa.Table:
-        from goalrank_core.fit import encode
+        from goalrank_core.fit import encode, group_proposals
         from goalrank_core.group import dedup_lists
-        from goalrank_core.policies import propose_all
 
         cfg = self.config
         enc = encode(self.bundle, table)
         b = enc.batch(slice(None), self.dev)
         gen = torch.Generator(device=self.dev).manual_seed(batch_seed(cfg.train.seed + self.round, enc.request_id))
-        lists, names = propose_all(self.aux, b, gen) if self.aux else (b.shown.new_zeros(len(b), 0, b.shown.shape[1]), [])
-        if self.generator is not None and cfg.group.generator_samples > 0:
-            self.generator.eval()
-            samples = self.generator.sample(b, cfg.group.generator_samples, gen)  # (B, S, L)
-            lists = torch.cat([lists, samples], dim=1)
-            names = names + ["goalrank"] * samples.shape[1]
+        # The logged list (group.logged_list), the auxiliary lists, then generator samples: as in fit.
+        lists, names = group_proposals(b, self.aux, self.generator, cfg, gen)  # (B, G, L)
         vocab = list(dict.fromkeys(names))
         pid = torch.tensor([vocab.index(n) for n in names], device=self.dev).expand(len(b), -1)
         lists, mask, pids = dedup_lists(lists, pid, cfg.group.size)  # (B, |B|, L), (B, |B|), (B, |B|)

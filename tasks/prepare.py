@@ -83,10 +83,10 @@ def _read_impressions(source: DataSource) -> pa.Table:
     # Ray's wrapper: Ray Data re-raises the UDF's own exception with this flag (a Dataset
     # copies the context when it is created, so set it first).
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
-    ds = ds.map_batches(_validate_impressions, fn_kwargs={"what": source.impressions}, batch_format="pyarrow",
-                        batch_size=None)
     try:
+        ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
+        ds = ds.map_batches(_validate_impressions, fn_kwargs={"what": source.impressions}, batch_format="pyarrow",
+                            batch_size=None)
         tables = ray.get(ds.to_arrow_refs())
     except Exception as exc:
         bad = _input_error(exc, source.impressions)

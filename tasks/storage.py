@@ -95,13 +95,15 @@ def _endpoint() -> tuple[str | None, str]:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, scheme: str, region: str | None, key_id: str | None,
-                   secret_digest: str | None) -> pafs.S3FileSystem:
+                   secret_digest: str | None, max_attempts: int = 6) -> pafs.S3FileSystem:
     # The secret is looked up again here rather than passed in, so it is not part of the
     # cache key (only a digest is) and never shows in a repr or a traceback's arguments.
     kwargs: dict[str, Any] = {
         "scheme": scheme,
         # Transient outages (issue 8): retry with backoff inside the client first.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6),
+        # (6 attempts ride out about 20-40 s of refused connections; beyond that the Prefect
+        # task's own retries take over.)
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
         "connect_timeout": 5.0,
         "request_timeout": 60.0,
     }
@@ -125,7 +127,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
     key_id = os.environ.get("AWS_ACCESS_KEY_ID")
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     digest = hashlib.sha256(secret.encode()).hexdigest() if secret else None
-    return _s3_filesystem(endpoint, scheme, region, key_id, digest)
+    attempts = int(os.environ.get("GOALRANK_S3_MAX_ATTEMPTS", "6"))
+    if attempts < 1:
+        raise StorageError(f"GOALRANK_S3_MAX_ATTEMPTS must be >= 1, got {attempts}")
+    return _s3_filesystem(endpoint, scheme, region, key_id, digest, attempts)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

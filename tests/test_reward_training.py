@@ -1,0 +1,70 @@
+"""Reward-model training on the group proposers' lists (labels from the log), the logged
+list in training groups, and the candidate-set context layers."""
+from __future__ import annotations
+
+import torch
+
+from goalrank_core.batch import RequestBatch
+from goalrank_core.config import RewardConfig
+from goalrank_core.fit import group_proposals
+from goalrank_core.reward_model import RewardModel
+from goalrank_core.trainer import log_labels, pick_lists, reward_loss
+from gr_helpers import random_batch, tiny_config
+
+
+def test_log_labels_keep_shown_labels_and_zero_unshown():
+    b = random_batch(b=3, n=10, l=4)  # shown = positions 0..3
+    lists = torch.tensor([[3, 9, 0, -1], [5, 6, 7, 8], [1, 2, 3, 0]])[:, None, :]
+    lab = log_labels(b, lists)[:, 0]
+    assert torch.equal(lab[0], torch.stack([b.labels[0, 3], torch.tensor(0.0), b.labels[0, 0], torch.tensor(0.0)]))
+    assert (lab[1] == 0).all()
+    assert torch.equal(lab[2], b.labels[2, [1, 2, 3, 0]])
+
+
+def test_pick_lists_draws_valid_lists_without_replacement():
+    props = torch.tensor([[[0, 1], [2, 3], [-1, -1], [4, 5]],
+                          [[6, 7], [-1, -1], [-1, -1], [-1, -1]]])  # (2, 4, 2)
+    out = pick_lists(props, 3, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 2)
+    assert sorted(map(tuple, out[0].tolist())) == [(0, 1), (2, 3), (4, 5)]
+    assert out[1, 0].tolist() == [6, 7] and (out[1, 1:] == -1).all()
+
+
+def test_reward_loss_uses_extra_lists_and_skips_empty_ones():
+    b = random_batch(b=4, n=10, l=4)
+    torch.manual_seed(0)
+    model = RewardModel(RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0), 40, 10, 4, 4).eval()
+    base = reward_loss(model, b)
+    empty = torch.full((4, 2, 4), -1)
+    assert torch.allclose(reward_loss(model, b, extra_lists=empty), base)
+    extra = torch.tensor([4, 5, 6, 7]).expand(4, 1, 4)  # all unshown: label 0
+    with torch.no_grad():
+        p = model.click_probs(b, extra)
+        both = reward_loss(model, b, extra_lists=extra)
+    expect = (base * 16 + (-torch.log1p(-p)).sum()) / 32  # mean BCE over 32 labelled positions
+    assert torch.allclose(both, expect, atol=1e-5)
+
+
+def test_training_group_starts_with_the_logged_list_only_when_configured():
+    b = random_batch(b=3, n=10, l=4, short_rows=0)
+    b = RequestBatch(**{**b._asdict(), "shown": torch.tensor([[1, 3, 5, 7], [0, 2, 4, 6], [9, 8, -1, -1]])})
+    on = tiny_config(**{"group.logged_list": True})
+    lists, names = group_proposals(b, [], None, on)
+    assert names == ["logged"] and torch.equal(lists[:, 0], b.shown)
+    lists, names = group_proposals(b, [], None, tiny_config(**{"group.logged_list": False}))
+    assert names == [] and lists.shape == (3, 0, 4)
+
+
+def test_context_layers_make_an_item_depend_on_the_other_candidates():
+    b = random_batch(b=2, n=10, l=4, short_rows=0)
+    torch.manual_seed(0)
+    cfg = RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, context_layers=1)
+    model = RewardModel(cfg, 40, 10, 4, 4).eval()
+    lists = torch.tensor([[[0, 1, 2, 3]], [[0, 1, 2, 3]]])
+    other = RequestBatch(**{**b._asdict(), "candidates": torch.cat([b.candidates[:, :4], (b.candidates[:, 4:] + 1) % 38 + 2], 1)})
+    with torch.no_grad():
+        p, q = model.click_probs(b, lists), model.click_probs(other, lists)
+    assert (p - q).abs().max() > 1e-4  # same list, other unshown candidates
+    off = RewardModel(RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, context_layers=0), 40, 10, 4, 4).eval()
+    with torch.no_grad():
+        assert torch.allclose(off.click_probs(b, lists), off.click_probs(other, lists))
