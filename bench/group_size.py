@@ -28,7 +28,7 @@ from bench.common import Recorder, log_to, seed_summary, table
 
 SIZES = (3, 5, 10, 20, 50, 100)
 MODES = {
-    "quick": {"sizes": SIZES, "seeds": 1, "dataset": "ml-100k", "max_users": 100,
+    "quick": {"sizes": SIZES, "seeds": 1, "dataset": "ml-100k", "max_users": 60,
               "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 2, "train.epochs": 1, "group.rounds": 1}},
     "full": {"sizes": SIZES, "seeds": 3, "dataset": "ml-100k", "max_users": 0, "overrides": {}},
 }

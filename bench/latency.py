@@ -25,7 +25,7 @@ from bench.common import Recorder, log_to, percentiles, table
 PAPER = {"goalrank_ms": 18.6, "g-e_ms": 34.2, "ratio": 0.54}
 GOAL_RATIO = 0.4
 MODES = {
-    "quick": {"dataset": "ml-100k", "max_users": 100, "single": 200, "batched": 10, "warmup": 10,
+    "quick": {"dataset": "ml-100k", "max_users": 60, "single": 150, "batched": 8, "warmup": 10,
               "overrides": {"train.reward_epochs": 1, "train.aux_epochs": 1, "train.epochs": 1, "group.rounds": 1}},
     "full": {"dataset": "ml-100k", "max_users": 0, "single": 1000, "batched": 60, "warmup": 30, "overrides": {}},
 }

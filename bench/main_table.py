@@ -26,7 +26,7 @@ KS = (3, 6)
 # quick: fewer users, epochs and rounds so all six benchmarks fit 20 minutes on 2 cores.
 MODES = {
     "quick": {"seeds": 1, "datasets": ["ml-100k", "amazon-book"],
-              "max_users": {"ml-100k": 200, "amazon-book": 300, "ml-1m": 300},
+              "max_users": {"ml-100k": 120, "amazon-book": 150, "ml-1m": 150},
               "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 2, "train.epochs": 1, "group.rounds": 1}},
     "full": {"seeds": 3, "datasets": ["ml-100k", "amazon-book", "ml-1m"],
              "max_users": {"ml-100k": 0, "amazon-book": 6000, "ml-1m": 0},

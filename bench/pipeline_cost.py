@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,8 @@ STAGE_ORDER = ["prepare", "reward", "policies", "candidates", "score", "generato
 
 QUICK_SET = ["train.reward_epochs=1", "train.aux_epochs=1", "train.epochs=1", "group.rounds=1"]
 MODES = {
-    "quick": {"datasets": {"ml-100k": ["protocol.max_users=100", *QUICK_SET]},
-              "synth": {"users": 20, "requests": 10, "scales": [1, 4, 16], "set": QUICK_SET}, "timeout": 900},
+    "quick": {"datasets": {"ml-100k": ["protocol.max_users=50", *QUICK_SET]},
+              "synth": {"users": 10, "requests": 10, "scales": [1, 4, 16], "set": QUICK_SET}, "timeout": 900},
     "full": {"datasets": {"ml-100k": [], "amazon-book": ["protocol.max_users=6000"]},
              "synth": {"users": 200, "requests": 10, "scales": [1, 4, 16], "set": []}, "timeout": 7200},
 }
@@ -103,8 +104,12 @@ def run_flow(source: list[str], sets: list[str], work: Path, run_id: str, timeou
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the run and what it started (Prefect server, Ray), nothing else
-                rc = proc.wait()
+                rc = None
+            finally:  # timeout, or this benchmark being stopped: end the run and what it started, nothing else
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            rc = proc.returncode if rc is None else rc
     wall = time.perf_counter() - t0
     stages = []
     for m in sorted(storage.glob(f"*/{run_id}/*/_manifest.json")):
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--synth-users", type=int, help="synthetic users at scale x1 (default: the mode's)")
     ap.add_argument("--scales", help="comma-separated scales (default 1,4,16)")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` ends a running flow
     rec = Recorder("pipeline_cost", args.mode)
     mode = {**MODES[args.mode], "synth": dict(MODES[args.mode]["synth"])}
     if args.synth_users:

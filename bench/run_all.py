@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,8 +56,13 @@ def run_one(name: str, mode: str, log_dir: Path) -> dict:
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the benchmark and what it started (Ray, Prefect), nothing else
-            proc.wait()
+            # The benchmark's own group: SIGTERM first, so it can end what it started in other sessions.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             rc = "timeout"
     wall = time.perf_counter() - t0
     tail = log.read_text(errors="replace").splitlines()[-12:] if rc != 0 else []

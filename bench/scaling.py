@@ -24,7 +24,7 @@ from bench.common import Recorder, evaluate, log_to, rank_with_policy, table
 # (d_model, n_layers, n_heads) per size; parameters depend on the data's vocabulary too.
 MODES = {
     "quick": {"sizes": [(8, 1, 2), (32, 1, 2), (96, 2, 4), (192, 2, 4)], "k": 4, "dataset": "ml-100k",
-              "max_users": 100, "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 1, "train.epochs": 1,
+              "max_users": 60, "overrides": {"train.reward_epochs": 2, "train.aux_epochs": 1, "train.epochs": 1,
                                               "group.rounds": 1}},
     "full": {"sizes": [(16, 1, 2), (32, 1, 2), (64, 2, 4), (128, 2, 4), (256, 4, 8), (384, 4, 8), (512, 6, 8)],
              "k": 4, "dataset": "ml-100k", "max_users": 0, "overrides": {}},

@@ -149,7 +149,7 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
                 champ = None
 
     def body(out: str) -> dict:
-        decision = {"key": key, "warm": False, "version": champ.version if champ else None, "reason": reason,
+        decision = {"key": key, "warm": False, "version": str(champ.version) if champ else None, "reason": reason,
                     "generator": None, "reward": None, "stats": {}}
         if champ is not None:
             new = load_bundle(storage.join(prepared, "vocab"), "warm start: vocabulary")
@@ -175,7 +175,7 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
         return {"extra": {"warm_start": decision}}
 
     result = run_stage(out, WARM_STAGE, config, {"prepared": prepared}, body,
-                       params={"cold": bool(cold), "champion": champ.version if champ else None})
+                       params={"cold": bool(cold), "champion": str(champ.version) if champ else None})
     d = dict(result.manifest["warm_start"])
     print(f"[warm_start] {_describe(d)}", flush=True)
     return {**d, "uri": out, "skipped": False}

@@ -56,8 +56,9 @@ def daily(tmp_path_factory, prefect_harness, ray_session):
 
 
 def _params(w, **extra):
-    return dict(impressions=w["impressions"], items=w["items"], storage=w["storage"], tracking_uri=w["tracking_uri"],
-                experiment=w["experiment"], model_name=w["model_name"], overrides=OVERRIDES, **extra)
+    return {**dict(impressions=w["impressions"], items=w["items"], storage=w["storage"],
+                   tracking_uri=w["tracking_uri"], experiment=w["experiment"], model_name=w["model_name"],
+                   overrides=OVERRIDES), **extra}
 
 
 def _run(w, day: str, **extra):

@@ -86,7 +86,7 @@ def _synth(args: argparse.Namespace) -> int:
         return _synth_days(args)
 
     imp, items, _ = synth_impressions(n_users=args.users, n_items=args.items, requests_per_user=args.requests,
-                                      n_categories=args.categories, days=args.days, seed=args.seed)
+                                      n_categories=args.categories, days=1, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(imp, out / "impressions.parquet")
