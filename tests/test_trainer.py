@@ -79,7 +79,7 @@ def test_group_training_raises_likelihood_of_preferred_lists(data):
 
     groups, names = propose_groups(tr, [random_policy(4)], gen_model, reward, cfg, seed=0)
     assert groups.lists.shape == (len(tr), cfg.group.size, cfg.protocol.slate_len)
-    assert set(names) == {"random", "goalrank"}
+    assert set(names) == {"logged", "random", "goalrank"}  # group.logged_list: training groups hold the logged list
     assert np.allclose(groups.pi_ref.sum(1), 1.0, atol=1e-5)
     lists, pi, mask = groups.batch(np.arange(64))
     b = tr.batch(np.arange(64))
