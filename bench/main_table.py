@@ -91,12 +91,13 @@ def tables_for(runs: list[dict], mode: str) -> list[dict]:
         cols = ["policy"] + [f"{m}@{k}" for k in (6, 3) for m in ("HR", "NDCG")]
         rows = [[label] + [_fmt(run["summary"][label][f"{m}@{k}"]) for k in (6, 3) for m in ("hr", "ndcg")]
                 for label, _ in ROWS]
-        spread = "mean ± std [95% t-interval] over" if n >= 2 else "one seed (quick mode: no spread) of"
+        spread = (f"mean ± std [95% t-interval] over {n} training seeds {run['seeds']}" if n >= 2
+                  else f"one training seed ({run['seeds'][0]}; no spread without a second)")
         out.append(table(
             f"Table 1, {run['dataset']} (test split, {run['requests']['test']} requests; "
             f"{'all users' if not run['max_users'] else str(run['max_users']) + ' users'})",
             cols, rows,
-            f"{spread} {n} training seed(s) {run['seeds']}; L = 6, so @6 is the whole list and @10 is not reported "
+            f"{spread}; L = 6, so @6 is the whole list and @10 is not reported "
             f"(no 10th slot). {run['test_requests_without_positive']} test requests have no positive and are "
             f"excluded from the means."))
     rows = []

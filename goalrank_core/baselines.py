@@ -227,7 +227,13 @@ def train_prm(train: EncodedRequests, valid: EncodedRequests | None, model: PRM,
 def _cache_key(model: nn.Module, batch: RequestBatch) -> tuple:
     # The batch's very tensors (not copies) and every version counter: an in-place edit of the
     # batch or an optimiser step on the model invalidates the entry.
-    return (tuple(batch), tuple(t._version for t in batch), tuple(p._version for p in model.parameters()))
+    return (tuple(batch), tuple(_version(t) for t in batch), tuple(_version(p) for p in model.parameters()))
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors (made under torch.inference_mode) have no version counter and cannot
+    # be edited in place outside it; -1 keeps them cacheable by identity.
+    return -1 if t.is_inference() else t._version
 
 
 def _same(a: tuple, b: tuple) -> bool:

@@ -108,6 +108,8 @@ def _use_local_prefect(workspace: Path) -> None:
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str((workspace / "prefect").resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's default 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
