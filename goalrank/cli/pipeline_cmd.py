@@ -106,7 +106,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def _use_local_prefect(workspace: Path) -> None:
     """No Prefect server configured: keep the temporary server's database in the workspace."""
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str((workspace / "prefect").resolve())
+        home = (workspace / "prefect").resolve()
+        home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last folder itself
+        os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's default 20 s start-up limit is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
