@@ -130,7 +130,7 @@ class FlakyProxy:
     pytest.param("client-retry", 6, 4.0, marks=pytest.mark.slow),
 ])
 def test_outage_mid_stage_is_retried_and_the_partial_stage_is_redone(prefect_harness, ray_session, s3_server,
-                                                                       s3_storage, tmp_path, monkeypatch, capfd,
+                                                                       s3_storage, tmp_path, monkeypatch, capfd, caplog,
                                                                        layer, attempts, outage_s):
     from prefect import flow
 
@@ -164,13 +164,13 @@ def test_outage_mid_stage_is_retried_and_the_partial_stage_is_redone(prefect_har
     try:
         state = one_stage()
         wall = time.time() - t0
-        _check(state, proxy, during, out, layer, t0, capfd)
+        _check(state, proxy, during, out, layer, t0, capfd, caplog)
     finally:
         proxy.close()
     print(f"outage test ({layer}): {wall:.1f}s, {proxy.connections} proxied connections")
 
 
-def _check(state, proxy, during, out, layer, t0, capfd) -> None:
+def _check(state, proxy, during, out, layer, t0, capfd, caplog) -> None:
     from prefect.client.orchestration import get_client
 
     from goalrank_core.schemas import IMPRESSIONS
@@ -188,7 +188,8 @@ def _check(state, proxy, during, out, layer, t0, capfd) -> None:
         run = client.read_task_run(state.state_details.task_run_id)
     assert time.time() - t0 >= proxy.outage_s
     logs = capfd.readouterr()
-    text = logs.out + logs.err
+    # log_prints=True turns the stage's prints into Prefect log records: read both streams.
+    text = logs.out + logs.err + caplog.text
     if layer == "prefect-retry":
         assert run.run_count >= 2, run.run_count
         assert "has no manifest (interrupted run): clearing and redoing it" in text, text[-3000:]
