@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(VENV)/bin/goalrank run --dataset ml-100k
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
