@@ -48,4 +48,4 @@ stack-down:
 	infra/local-stack down
 
 clean:
-	rm -rf artifacts mlruns mlflow.db .goalrank
+	rm -rf artifacts mlruns mlflow.db mlartifacts .goalrank
