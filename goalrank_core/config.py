@@ -22,6 +22,15 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config '{name}' {msg}")
 
 
+def _check_transformer(cfg: Any, section: str) -> None:
+    """The size fields every Transformer section shares: d_model, n_layers, n_heads, dropout."""
+    _check(cfg.d_model >= 4, f"{section}.d_model", f"must be >= 4, got {cfg.d_model}")
+    _check(cfg.n_layers >= 1, f"{section}.n_layers", f"must be >= 1, got {cfg.n_layers}")
+    _check(cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads == 0, f"{section}.n_heads",
+           f"must divide d_model ({cfg.d_model}), got {cfg.n_heads}")
+    _check(0.0 <= cfg.dropout < 1.0, f"{section}.dropout", f"must be in [0, 1), got {cfg.dropout}")
+
+
 @dataclass
 class ProtocolConfig:
     """How ratings become impression logs (docs/protocol.md)."""
@@ -68,11 +77,7 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "generator.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.decoder_layers >= 1, "generator.decoder_layers", f"must be >= 1, got {self.decoder_layers}")
-        _check(self.d_model >= 4, "generator.d_model", f"must be >= 4, got {self.d_model}")
-        _check(self.n_layers >= 1, "generator.n_layers", f"must be >= 1, got {self.n_layers}")
-        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "generator.n_heads",
-               f"must divide d_model ({self.d_model}), got {self.n_heads}")
-        _check(0.0 <= self.dropout < 1.0, "generator.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check_transformer(self, "generator")
 
 
 @dataclass
@@ -100,11 +105,7 @@ class RewardConfig:
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
         _check(self.context_layers >= 0, "reward.context_layers", f"must be >= 0, got {self.context_layers}")
-        _check(self.d_model >= 4, "reward.d_model", f"must be >= 4, got {self.d_model}")
-        _check(self.n_layers >= 1, "reward.n_layers", f"must be >= 1, got {self.n_layers}")
-        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0, "reward.n_heads",
-               f"must divide d_model ({self.d_model}), got {self.n_heads}")
-        _check(0.0 <= self.dropout < 1.0, "reward.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check_transformer(self, "reward")
 
 
 @dataclass
