@@ -218,12 +218,7 @@ def log_plots(histories: dict[str, list[dict[str, float]]], metrics: pa.Table | 
                 ax.set_xlabel("epoch")
                 if keys:
                     ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = Path(tmp) / "training_curves.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            mlflow.log_artifact(str(path), "plots")
-            logged.append("plots/training_curves.png")
+            logged.append(_log_figure(fig, Path(tmp) / "training_curves.png"))
         if metrics is not None and metrics.num_rows:
             df = metrics.to_pandas()
             df = df[(df["split"] == split) & (df["metric"] == metric)].sort_values("value")
@@ -234,12 +229,7 @@ def log_plots(histories: dict[str, list[dict[str, float]]], metrics: pa.Table | 
                         xerr=[df["value"] - df["ci_low"], df["ci_high"] - df["value"]])
                 ax.set_xlabel(f"{metric} ({split})")
                 ax.set_title("GoalRank against baselines")
-                fig.tight_layout()
-                path = Path(tmp) / "goalrank_vs_baselines.png"
-                fig.savefig(path, dpi=100)
-                plt.close(fig)
-                mlflow.log_artifact(str(path), "plots")
-                logged.append("plots/goalrank_vs_baselines.png")
+                logged.append(_log_figure(fig, Path(tmp) / "goalrank_vs_baselines.png"))
     return logged
 
 
@@ -333,3 +323,15 @@ def resolve_model_dir(model_uri: str, tracking_uri: str | None = None, dst: str 
     if not bundle.is_dir():
         raise FileNotFoundError(f"{model_uri}: its '{BUNDLE_ARTIFACT}' artifact is missing")
     return str(bundle)
+
+
+def _log_figure(fig, path: Path) -> str:
+    """Save a matplotlib figure as PNG, close it, log it under plots/; returns its artifact path."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    mlflow.log_artifact(str(path), "plots")
+    return f"plots/{path.name}"
