@@ -98,7 +98,11 @@ class RewardConfig:
         "rank the kind of lists it will score (0 = off; > 0 fits the policies before the reward model)", 4)
     context_layers: int = _help(
         "Transformer layers over [user, all N candidates] before the list is encoded, so each list "
-        "item is judged against the whole candidate set, as the generator sees it (0 = off)", 1)
+        "item is judged against the whole candidate set, as the generator sees it (0 = off)", 2)
+    init_from_supervised: bool = _help(
+        "start the reward model's embeddings and context layers from the supervised generator's "
+        "embeddings and encoder (as RLHF reward models start from the SFT model), when their shapes "
+        "match (same d_model, n_heads, ff_mult, and context_layers == generator.n_layers)", True)
 
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")

@@ -189,6 +189,22 @@ def proposer_lists(data: EncodedRequests, policies: list, generator: nn.Module |
     return Proposals(np.concatenate(lists_out), np.concatenate(pids_out), names)
 
 
+def init_reward(reward: nn.Module, bundle: ModelBundle, log: Log = print) -> bool:
+    """With `reward.init_from_supervised`, start `reward` from the bundle's supervised
+    generator when it has one of matching shape. -> whether it did."""
+    from goalrank_core.reward_model import can_init_from, init_from_generator
+
+    sup = bundle.models.get("supervised")
+    if not bundle.config.reward.init_from_supervised or sup is None:
+        return False
+    if not can_init_from(reward, sup):
+        log("reward model: shapes differ from the supervised generator's; starting from random weights")
+        return False
+    init_from_generator(reward, sup)
+    log("reward model: embeddings and context layers start from the supervised generator")
+    return True
+
+
 def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, policies: list,
                  log: Log = print) -> Proposals | None:
     """The reward model into `bundle`: BCE on logged lists, augmented lists and (with
@@ -206,6 +222,7 @@ def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
     set_seed(cfg.train.seed)
     reward = bundle.build("reward")
     log(f"reward model: {reward.num_parameters():,} parameters")
+    init_reward(reward, bundle, log)
     train_reward_model(train, valid, reward, cfg.train, log, proposals=props.lists if props else None,
                        valid_proposals=vprops.lists if vprops else None)
     bundle.add("reward", "reward", reward)

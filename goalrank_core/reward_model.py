@@ -86,3 +86,28 @@ def masked_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor) 
     mask = (lists >= 0).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).clamp(0, 1), reduction="none")
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def can_init_from(reward: RewardModel, generator: nn.Module) -> bool:
+    """True when `generator`'s embeddings and encoder have exactly the shapes of `reward`'s
+    embeddings and context layers (see `init_from_generator`)."""
+    if reward.context is None or not hasattr(generator, "encoder") or not hasattr(generator, "embed"):
+        return False
+    pairs = ((reward.embed, generator.embed), (reward.context, generator.encoder))
+    for mine, theirs in pairs:
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            return False
+    return True
+
+
+def init_from_generator(reward: RewardModel, generator: nn.Module) -> None:
+    """Copy a trained generator's request embeddings and candidate encoder into the reward
+    model's embeddings and context layers. The supervised generator has learnt which
+    candidates a user takes; starting the reward model there (as RLHF starts its reward model
+    from the SFT model) gives its BCE head that representation instead of random features."""
+    if not can_init_from(reward, generator):
+        raise ValueError("the generator's embeddings/encoder do not match the reward model's shapes "
+                         "(need equal d_model, n_heads, ff_mult and reward.context_layers == generator.n_layers)")
+    reward.embed.load_state_dict(generator.embed.state_dict())
+    reward.context.load_state_dict(generator.encoder.state_dict())

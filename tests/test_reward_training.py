@@ -68,3 +68,52 @@ def test_context_layers_make_an_item_depend_on_the_other_candidates():
     off = RewardModel(RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, context_layers=0), 40, 10, 4, 4).eval()
     with torch.no_grad():
         assert torch.allclose(off.click_probs(b, lists), off.click_probs(other, lists))
+
+
+def _pair(context_layers: int, gen_layers: int = 2):
+    from goalrank_core.config import GeneratorConfig
+    from goalrank_core.generator import GoalRankGenerator
+
+    torch.manual_seed(0)
+    gen = GoalRankGenerator(GeneratorConfig(d_model=16, n_layers=gen_layers, n_heads=2, dropout=0.0), 40, 10, 4, 4)
+    reward = RewardModel(RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0, context_layers=context_layers),
+                         40, 10, 4, 4)
+    return gen, reward
+
+
+def test_reward_model_starts_from_the_generators_encoder_when_shapes_match():
+    from goalrank_core.reward_model import can_init_from, init_from_generator
+
+    gen, reward = _pair(context_layers=2)
+    assert can_init_from(reward, gen)
+    assert not torch.equal(reward.embed.item.weight, gen.embed.item.weight)
+    init_from_generator(reward, gen)
+    for (k, a), (_, b) in zip(reward.context.state_dict().items(), gen.encoder.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert torch.equal(reward.embed.item.weight, gen.embed.item.weight)
+    # Copied, not shared: training the reward model leaves the generator alone.
+    with torch.no_grad():
+        reward.embed.item.weight.add_(1.0)
+    assert not torch.equal(reward.embed.item.weight, gen.embed.item.weight)
+
+
+def test_reward_init_refuses_mismatched_shapes_and_follows_the_config():
+    import pytest
+
+    from goalrank_core.bundle import Dims, ModelBundle
+    from goalrank_core.fit import init_reward
+    from goalrank_core.reward_model import can_init_from, init_from_generator
+
+    gen, reward = _pair(context_layers=1)  # 1 context layer against a 2-layer encoder
+    assert not can_init_from(reward, gen)
+    with pytest.raises(ValueError, match="context_layers"):
+        init_from_generator(reward, gen)
+    assert not can_init_from(_pair(context_layers=0)[1], gen)
+
+    gen, reward = _pair(context_layers=2)
+    for flag, expect in ((False, False), (True, True)):
+        cfg = tiny_config(**{"reward.init_from_supervised": flag})
+        bundle = ModelBundle(cfg, None, None, {}, Dims(40, 10, 4, 4, 10))
+        bundle.models["supervised"] = gen
+        assert init_reward(reward, bundle, log=lambda _: None) is expect
+    assert torch.equal(reward.embed.item.weight, gen.embed.item.weight)
