@@ -1,7 +1,8 @@
 """The daily retraining flow `goalrank-daily`: one Prefect task per stage, URIs between them.
 
-prepare -> train_reward_model -> train_policies -> rounds x (generate_candidates -> score ->
-train_generator) -> evaluate -> track_and_register -> promote.
+prepare -> train_policies -> train_reward_model (on the policies' lists, as the in-process fit)
+-> rounds x (generate_candidates -> score -> train_generator) -> evaluate -> track_and_register
+-> promote.
 
 Each stage task is a thin wrapper over the stage function in `tasks/stages.py` (looked up at
 call time), retried with exponential backoff only when the failure is transient (storage or
@@ -158,16 +159,17 @@ def prepare_task(run_id: str, source: dict, out: str, config: dict) -> dict:
     return _run_stage("prepare", run_id, "prepare", stages.DataSource(**source), out, GoalRankConfig.from_dict(config))
 
 
-@task(name="train_reward_model", task_run_name="train_reward_model · {run_id}", **_TASK_OPTS)
-def train_reward_model_task(run_id: str, prepared: str, out: str, config: dict, init: str | None = None) -> dict:
-    kw = {"init": init} if init else {}  # warm start (flows/daily_ops.py)
-    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, out, GoalRankConfig.from_dict(config),
-                      **kw)
-
-
 @task(name="train_policies", task_run_name="train_policies · {run_id}", **_TASK_OPTS)
 def train_policies_task(run_id: str, prepared: str, out: str, config: dict) -> dict:
     return _run_stage("train_policies", run_id, "train_policies", prepared, out, GoalRankConfig.from_dict(config))
+
+
+@task(name="train_reward_model", task_run_name="train_reward_model · {run_id}", **_TASK_OPTS)
+def train_reward_model_task(run_id: str, prepared: str, policies: str, out: str, config: dict,
+                            init: str | None = None) -> dict:
+    kw = {"init": init} if init else {}  # warm start (flows/daily_ops.py)
+    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, policies, out,
+                      GoalRankConfig.from_dict(config), **kw)
 
 
 @task(name="generate_candidates", task_run_name="generate_candidates r{round} · {run_id}", **_TASK_OPTS)
@@ -417,9 +419,10 @@ def goalrank_daily(
                                      s["model_name"], run_date, cold)
     run_cfg = daily_ops.effective_config(cfg, warm)  # fewer epochs for what starts warm
     c = run_cfg.to_dict()
-    rew = train_reward_model_task(run_id, prep["uri"], uri("reward_model"), c, warm["reward"])
     pol = train_policies_task(run_id, prep["uri"], uri("policies"), c)
-    summaries = [prep, rew, pol]
+    # After the policies: the reward model also learns from their lists (reward.group_lists).
+    rew = train_reward_model_task(run_id, prep["uri"], pol["uri"], uri("reward_model"), c, warm["reward"])
+    summaries = [prep, pol, rew]
     generator = warm["generator"]  # round 1 samples from the champion's generator when warm
     for r in range(1, cfg.group.rounds + 1):
         cand = generate_candidates_task(run_id, r, prep["uri"], pol["uri"], generator, uri(f"candidates_r{r}"), c)

@@ -268,13 +268,15 @@ def final_state(result: Any) -> dict:
 
 
 def train_and_save(spec: TrainSpec, train_uri: str, out: str, stage: str, key: str, config: GoalRankConfig,
-                model_name: str, kind: str, vocab_uri: str, max_failures: int | None) -> dict:
+                model_name: str, kind: str, vocab_uri: str, max_failures: int | None, dataset: Any | None = None) -> dict:
     """Shared driver of the training stages: fit on Ray Train, then save the best (else the
-    last) weights as a one-model bundle in `{out}/model`. -> what the manifest records."""
+    last) weights as a one-model bundle in `{out}/model`. -> what the manifest records.
+    `dataset`: a Ray Dataset to train on instead of `train_uri`'s (e.g. with extra columns
+    computed by the driver); it must be a deterministic function of the stage's inputs (`key`)."""
     name = f"{stage}-{key}"
     # Materialised once: every epoch then splits blocks already in the object store instead
     # of reading storage again (seconds per epoch on a small machine).
-    train = read_dataset(train_uri, f"{stage}: training data").materialize()
+    train = (dataset if dataset is not None else read_dataset(train_uri, f"{stage}: training data")).materialize()
     result = fit(worker_loop, {"spec": spec}, {"train": train}, out, name, config.train.num_workers, max_failures)
     state = final_state(result)
     bundle = load_bundle(vocab_uri, f"{stage}: vocabulary")

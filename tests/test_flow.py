@@ -50,7 +50,7 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world):
     assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
     assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == "1"
     stages = [s["stage"] for s in first["stages"]]
-    assert stages == ["prepare", "train_reward_model", "train_policies", "generate_candidates r1", "score r1",
+    assert stages == ["prepare", "train_policies", "train_reward_model", "generate_candidates r1", "score r1",
                       "train_generator r1", "evaluate"]
     assert not any(s["skipped"] for s in first["stages"])
     policies = {r["policy"] for r in first["metrics"]}

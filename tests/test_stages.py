@@ -38,8 +38,8 @@ def run_chain(root: str, config: GoalRankConfig) -> dict:
     u = lambda s: stage_uri(root, "ml-100k", "run1", s)  # noqa: E731
     r = {"prepare": prepare(DataSource(dataset="ml-100k", data_dir=DATA_DIR), u("prepare"), config)}
     p = r["prepare"].uri
-    r["reward"] = train_reward_model(p, u("reward"), config)
     r["policies"] = train_policies(p, u("policies"), config)
+    r["reward"] = train_reward_model(p, r["policies"].uri, u("reward"), config)
     r["candidates"] = generate_candidates(p, r["policies"].uri, None, u("candidates-1"), config, 1)
     r["score"] = score(r["candidates"].uri, p, r["reward"].uri, u("scored-1"), config)
     r["generator"] = train_generator(r["score"].uri, p, r["policies"].uri, u("generator-1"), config)
