@@ -27,7 +27,7 @@ import numpy as np
 from bench.common import Recorder, table
 
 _PAGE_MB = (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096) / 2**20
-STAGE_ORDER = ["prepare", "reward", "policies", "candidates", "score", "generator", "evaluate"]
+STAGE_ORDER = ["prepare", "policies", "reward", "candidates", "score", "generator", "evaluate"]
 
 QUICK_SET = ["train.reward_epochs=1", "train.aux_epochs=1", "train.epochs=1", "group.rounds=1"]
 MODES = {
