@@ -293,14 +293,14 @@ class GeneratorEvaluator:
         lists, names = propose_all(self.generators, batch, gen)
         module = self.reward_model if isinstance(self.reward_model, nn.Module) else None
         was = module.training if module is not None else False
-        if module is not None:
+        if was:  # a mode switch walks every submodule (~0.1 ms): serving calls arrive in eval mode
             module.eval()
         try:
             with torch.no_grad():
                 rewards = self.reward_model.score(batch, lists)  # (B, G)
         finally:
-            if module is not None:
-                module.train(was)
+            if was:
+                module.train()
         if rewards.shape != lists.shape[:2]:
             raise GoalRankInputError(f"reward model returned shape {tuple(rewards.shape)}, expected {tuple(lists.shape[:2])}")
         return lists, rewards, names

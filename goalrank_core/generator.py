@@ -7,8 +7,9 @@ context of the user and of the other candidates. This runs once per request.
 Decoder: a small causal Transformer over [user state, chosen item 1, ..., chosen item t]
 gives the query for step t + 1; the step is a softmax of query . key(candidate) over the
 candidates not yet chosen. The decoder sees what is already in the list (list-aware: it
-can learn diversity or complementarity), yet costs only O(L^2) tokens of width d per list
-on top of the cached candidate encoding, so a list costs far less than L encoder passes.
+can learn diversity or complementarity), yet a list costs only L one-token decoder passes
+on top of the cached candidate encoding: inference (`decode`) keeps each decoder layer's
+keys and values, so step t computes its new token alone.
 
 Teacher forcing (`log_prob`) runs all G lists and all L steps of a batch at once.
 A list entry of -1 marks an unused step (lists shorter than L, e.g. the logged positives
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config import GeneratorConfig
@@ -107,26 +109,61 @@ class GoalRankGenerator(nn.Module):
     # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _decode(self, batch: RequestBatch, n: int, greedy: bool, generator: torch.Generator | None,
-                temperature: float, length: int | None) -> torch.Tensor:
-        enc = self.encode(batch)  # once; every step reuses it
-        b, nc = enc.keys.shape[:2]
+    def decode(self, enc: Encoded, n: int, greedy: bool, generator: torch.Generator | None = None,
+               temperature: float = 1.0, length: int | None = None,
+               with_log_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """n lists per request from a cached encoding -> (B, n, L) positions; with
+        `with_log_probs` also the (B, n, L) step log-probabilities log pi(l_t | l_<t) of the
+        temperature-scaled policy the lists were drawn from.
+
+        Incremental: step t runs the decoder on its one new token only, against a per-layer
+        key/value cache of the earlier tokens (`_cached_layer_step`), so a list costs L
+        one-token passes, not L passes over ever longer prefixes."""
+        b, nc, d = enc.keys.shape
         length = min(length or self.slate_len, nc)
-        chosen = torch.empty(b, n, 0, dtype=torch.long, device=enc.keys.device)
-        blocked = torch.zeros(b, n, nc, dtype=torch.bool, device=enc.keys.device)
-        for _ in range(length):  # L small steps on the cached encoding
-            q = self._queries(enc, chosen)[:, :, -1:]  # (B, n, 1, d)
-            logits = self._masked_logits(enc, q, blocked[:, :, None, :], temperature)[:, :, 0]  # (B, n, N)
+        dev, m = enc.keys.device, b * n
+        if length == 0:
+            empty = torch.empty(b, n, 0, dtype=torch.long, device=dev)
+            return (empty, empty.to(enc.keys.dtype)) if with_log_probs else empty
+        # The query projection folded into the keys, scaled once: query(y) . k * s / tau =
+        # y . (W_q^T k s / tau) + b_q . k s / tau, one batched matmul per step.
+        keys = enc.keys * (self.scale / temperature)  # (B, N, d)
+        keys_q = (keys @ self.query.weight).transpose(1, 2)  # (B, d, N)
+        neg = torch.finfo(keys.dtype).min / 4  # finite: a request with no choice left gives no NaN
+        # Per-list logit offsets: b_q . k, and `neg` at padding and at items already chosen.
+        offset = (keys @ self.query.bias).masked_fill(~enc.valid, neg)[:, None, :].expand(b, n, nc).contiguous()  # (B, n, N)
+        layers = [_LayerTensors.of(layer) for layer in self.decoder.layers]  # looked up once, not per step
+        caches = [torch.empty(m, 2, w.heads, length, d // w.heads, dtype=keys.dtype, device=dev)
+                  for w in layers]  # per layer (M, 2, H, L, dh)
+        final = self.decoder.norm
+        pos = self.pos.weight  # (L + 1, d)
+        x = (enc.user + pos[0]).repeat_interleave(n, dim=0)  # (M, d) token 0: the user state
+        picks, step_logp = [], []
+        for t in range(length):
+            for w, cache in zip(layers, caches):
+                x = _cached_layer_step(w, x, cache, t)
+            y = x if final is None else F.layer_norm(x, final.normalized_shape, final.weight, final.bias, final.eps)
+            logits = torch.baddbmm(offset, y.view(b, n, d), keys_q)  # (B, n, N)
             if greedy:
                 nxt = logits.argmax(-1)  # (B, n)
             else:  # Gumbel-max; noise drawn where the generator lives (a CPU one may drive CUDA)
                 u = torch.rand(logits.shape, generator=generator,
-                               device=generator.device if generator is not None else logits.device)
-                gumbel = -torch.log(-torch.log(u.to(logits.device).clamp(1e-12, 1 - 1e-7)))
+                               device=generator.device if generator is not None else dev)
+                gumbel = u.to(dev).clamp_(1e-12, 1 - 1e-7).log_().neg_().log_().neg_()
                 nxt = (logits.float() + gumbel).argmax(-1)  # (B, n)
-            chosen = torch.cat([chosen, nxt[..., None]], dim=2)
-            blocked = blocked.scatter(2, nxt[..., None], True)
-        return chosen
+            picks.append(nxt)
+            if with_log_probs:
+                step_logp.append(logits.log_softmax(-1).gather(2, nxt[..., None])[..., 0])
+            offset.scatter_(2, nxt[..., None], neg)
+            if t + 1 < length:  # the next token: the chosen item's encoding at position t + 1
+                x = (torch.gather(enc.values, 1, nxt[..., None].expand(-1, -1, d)) + pos[t + 1]).view(m, d)
+        chosen = torch.stack(picks, dim=2)  # (B, n, L)
+        return (chosen, torch.stack(step_logp, dim=2)) if with_log_probs else chosen
+
+    @torch.no_grad()
+    def _decode(self, batch: RequestBatch, n: int, greedy: bool, generator: torch.Generator | None,
+                temperature: float, length: int | None) -> torch.Tensor:
+        return self.decode(self.encode(batch), n, greedy, generator, temperature, length)  # encoded once
 
     def sample(self, batch: RequestBatch, n: int, generator: torch.Generator | None = None,
                temperature: float = 1.0, length: int | None = None) -> torch.Tensor:
@@ -137,3 +174,66 @@ class GoalRankGenerator(nn.Module):
     def greedy(self, batch: RequestBatch, length: int | None = None) -> torch.Tensor:
         """-> (B, L) positions, the most probable item at every step."""
         return self._decode(batch, 1, True, None, 1.0, length)[:, 0]
+
+
+# -- one decoder layer, one token at a time ----------------------------------------------------
+#
+# `_cached_layer_step` redoes the arithmetic of the nn.TransformerEncoderLayer that
+# `layers.transformer` builds (pre- or post-norm, self-attention over the tokens so far, the
+# layer's activation, dropout only in training mode) for the newest token alone. Tests hold it
+# to the teacher-forced path (`_queries`), which stays the reference.
+
+
+class _LayerTensors(NamedTuple):
+    """A decoder layer's weights, fetched once per decode: at one token per step, module
+    attribute look-ups cost as much as the arithmetic."""
+
+    norm_first: bool
+    heads: int
+    norm1: tuple  # (normalized_shape, weight, bias, eps)
+    norm2: tuple
+    in_proj: tuple  # (weight (3d, d), bias (3d,))
+    out_proj: tuple  # (weight (d, d), bias (d,))
+    linear1: tuple
+    linear2: tuple
+    activation: object  # the layer's activation function
+    dropout: float  # residual and feed-forward dropout; 0 outside training
+    attn_dropout: float
+
+    @classmethod
+    def of(cls, layer: nn.TransformerEncoderLayer) -> "_LayerTensors":
+        a = layer.self_attn
+        assert a._qkv_same_embed_dim and a.bias_k is None, "decoder attention of an unexpected kind"
+        ln = lambda n: (n.normalized_shape, n.weight, n.bias, n.eps)  # noqa: E731
+        lin = lambda l: (l.weight, l.bias)  # noqa: E731
+        return cls(layer.norm_first, a.num_heads, ln(layer.norm1), ln(layer.norm2), (a.in_proj_weight, a.in_proj_bias),
+                   lin(a.out_proj), lin(layer.linear1), lin(layer.linear2), layer.activation,
+                   layer.dropout.p if layer.training else 0.0, a.dropout if layer.training else 0.0)
+
+
+def _cached_layer_step(w: _LayerTensors, x: torch.Tensor, cache: torch.Tensor, t: int) -> torch.Tensor:
+    """One decoder layer on the newest token. x (M, d) token t; cache (M, 2, H, T, dh) keys
+    and values of tokens 0..t-1; token t's are written into it -> (M, d)."""
+    m, d = x.shape
+
+    def drop(v: torch.Tensor) -> torch.Tensor:
+        return F.dropout(v, w.dropout, True) if w.dropout > 0 else v
+
+    def self_attention(v: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(v, *w.in_proj).view(m, 3, w.heads, 1, d // w.heads)  # (M, 3, H, 1, dh)
+        cache[:, :, :, t:t + 1] = qkv[:, 1:]
+        if t == 0 and w.attn_dropout == 0:  # one key: its softmax weight is exactly 1
+            o = qkv[:, 2]
+        else:
+            o = F.scaled_dot_product_attention(qkv[:, 0], cache[:, 0, :, :t + 1], cache[:, 1, :, :t + 1],
+                                               dropout_p=w.attn_dropout)  # (M, H, 1, dh)
+        return drop(F.linear(o.reshape(m, d), *w.out_proj))
+
+    def feed_forward(v: torch.Tensor) -> torch.Tensor:
+        return drop(F.linear(drop(w.activation(F.linear(v, *w.linear1))), *w.linear2))
+
+    if w.norm_first:
+        x = x + self_attention(F.layer_norm(x, *w.norm1))
+        return x + feed_forward(F.layer_norm(x, *w.norm2))
+    x = F.layer_norm(x + self_attention(x), *w.norm1)
+    return F.layer_norm(x + feed_forward(x), *w.norm2)

@@ -25,7 +25,8 @@ def test_item_probability_changes_with_its_neighbours():
     c = torch.tensor([[[0, 5, 6, 7]], [[0, 5, 6, 7]]])  # same item first, other neighbours
     with torch.no_grad():
         pa_, pc_ = model.click_probs(b, a)[:, 0, 0], model.click_probs(b, c)[:, 0, 0]
-    assert (pa_ - pc_).abs().min() > 1e-4
+    # Random weights give a small effect (~1e-4); a model blind to neighbours differs by float noise only.
+    assert (pa_ - pc_).abs().min() > 1e-6
 
 
 def test_score_is_dcg_weighted_sum_and_any_list_is_scored():
