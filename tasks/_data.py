@@ -27,14 +27,45 @@ def _conform_batch(batch: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
     return conform(batch, schema, what)
 
 
-def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str) -> int:
+def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str, stats: dict | None = None,
+                  min_rows_per_file: int | None = None) -> int:
     """Validate every batch against `schema`, write Parquet parts to folder `uri` (replacing
-    what was there: Ray's default mode appends) and return the row count written."""
+    what was there: Ray's default mode appends) and return the row count written. A `stats`
+    dict receives `operator_stats` of the run; `min_rows_per_file` joins small blocks into
+    fewer parts (Ray writes one part per block otherwise)."""
     fs, path = storage.filesystem(uri)
     checked = ds.map_batches(_conform_batch, fn_kwargs={"schema": schema, "what": what}, batch_format="pyarrow",
                              batch_size=None, zero_copy_batch=True)
-    checked.write_parquet(path, filesystem=fs, mode="overwrite")
+    checked.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=min_rows_per_file)
+    if stats is not None:
+        stats.update(operator_stats(checked))
     return count_rows(uri)
+
+
+def operator_stats(ds: Any) -> dict[str, dict]:
+    """Per operator of an executed Dataset, from Ray Data's stats: `busy_s` (first block's
+    start to last block's end), `start`/`end` (those two instants, time.perf_counter: the
+    same clock in every process of a machine), `udf_s` (summed time in the operator's
+    functions), `rows` out. {} when Ray does not provide them (a DeveloperAPI)."""
+    out: dict[str, dict] = {}
+    try:
+        summary = ds.get_stats_summary()
+    except Exception:  # noqa: BLE001 - optional numbers, never worth failing a stage
+        return out
+
+    def walk(s: Any) -> None:
+        for op in s.operators_stats:
+            body = getattr(op, "function_body_time", None)
+            rows = getattr(op, "output_num_rows", None)
+            out[op.operator_name] = {"busy_s": float(op.time_total_s or 0.0), "start": op.earliest_start_time,
+                                     "end": op.latest_end_time,
+                                     "udf_s": float(body.sum) if body is not None else None,
+                                     "rows": int(rows.sum) if rows is not None else None}
+        for parent in s.parents:
+            walk(parent)
+
+    walk(summary)
+    return out
 
 
 def count_rows(uri: str) -> int:
