@@ -181,10 +181,10 @@ def data_available(name: str) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def rank_with_policy(bundle, policy, requests, seed: int = 0, batch_size: int = 512):
+def rank_with_policy(bundle, policy, requests, seed: int = 0, batch_size: int = 512, device=None):
     """Any ListPolicy object (not only the bundle's named ones) -> RANKED table, the way
     goalrank_core.ranking.rank does it: encode with the bundle, propose one list per request,
-    positions -> raw ids."""
+    positions -> raw ids. `device`: where the batches go (the policy's models' device; CPU default)."""
     import pyarrow as pa
     import torch
 
@@ -192,11 +192,12 @@ def rank_with_policy(bundle, policy, requests, seed: int = 0, batch_size: int = 
     from goalrank_core.schemas import RANKED, conform
 
     data = encode(bundle, requests)
-    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device(device or "cpu")
+    gen = torch.Generator(device=dev).manual_seed(seed)
     out = []
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
-            out.append(policy.propose(data.batch(slice(i, i + batch_size)), 1, gen)[:, 0].numpy())
+            out.append(policy.propose(data.batch(slice(i, i + batch_size), dev), 1, gen)[:, 0].cpu().numpy())
     ids = data.positions_to_ids(slice(None), np.concatenate(out))
     tbl = pa.table({"request_id": pa.array(list(data.request_id), pa.string()),
                     "ranked": pa.array(list(ids), pa.list_(pa.int64()))})

@@ -12,6 +12,12 @@ total generator parameters.
 The reward model and the heuristic policies are fitted once and shared by every size.
 
     python -m bench.scaling --mode quick|full
+    python -m bench.scaling --mode full --device cuda --tf32 --sizes 64x2x4,256x4x8,512x6x8,1152x8x16 \
+        --set train.aux_epochs=1 --set train.epochs=1 --results-dir DIR     (up to ~108M parameters)
+
+With `--device cuda` every model is built and trained on the GPU (bench/gpu_util.models_on)
+and the result goes to scaling_cuda_{mode}.json; the JSON is rewritten after every size, so
+a run cut short keeps the sizes it finished.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import dataclasses
 import time
 
 from bench.common import Recorder, evaluate, log_to, rank_with_policy, table
+from bench.gpu_util import matmul_precision, models_on, parse_sets
 
 # (d_model, n_layers, n_heads) per size; parameters depend on the data's vocabulary too.
 MODES = {
@@ -38,12 +45,15 @@ def gen_config(cfg, d: int, layers: int, heads: int):
 def matched_width(bundle, layers: int, target: int) -> tuple[int, int, int]:
     """The (d_model, n_layers, n_heads) of the same depth whose generator is closest to
     `target` parameters (d from 4 up, in steps of 2)."""
+    import torch
+
     from goalrank_core.bundle import MODEL_KINDS
 
     best = None
-    for d in range(4, 1025, 2):
+    for d in range(4, 2049, 2):
         heads = 4 if d % 4 == 0 and d >= 32 else 2
-        n = sum(p.numel() for p in MODEL_KINDS["generator"](gen_config(bundle.config, d, layers, heads), bundle.dims).parameters())
+        with torch.device("meta"):  # shapes only: no memory, no init
+            n = sum(p.numel() for p in MODEL_KINDS["generator"](gen_config(bundle.config, d, layers, heads), bundle.dims).parameters())
         if best is None or abs(n - target) < abs(best[0] - target):
             best = (n, d, heads)
         if n > target:
@@ -66,10 +76,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-users", type=int)
     ap.add_argument("--k", type=int, help="generators in the mixture (default 4)")
     ap.add_argument("--sizes", help="comma-separated DxLAYERSxHEADS, e.g. 16x1x2,64x2x4 (default: the mode's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every model is built and trained")
+    ap.add_argument("--tf32", action="store_true", help="TF32 tensor-core matmuls (GPU; fp32 otherwise)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override on top of the mode's (e.g. train.aux_epochs=1)")
+    ap.add_argument("--results-dir", help="where the JSON goes (default bench/results)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    rec = Recorder("scaling", args.mode)
+    import torch
+
+    dev = torch.device(args.device)
+    with models_on(dev), matmul_precision("tf32" if args.tf32 else "fp32"):
+        return run(args, dev)
+
+
+def run(args, dev) -> dict:
+    import torch
+
+    rec = Recorder("scaling" if dev.type == "cpu" else f"scaling_{dev.type}", args.mode)
     mode = MODES[args.mode]
+    if args.set:
+        mode = {**mode, "overrides": {**mode["overrides"], **parse_sets(args.set)}}
     k = args.k or mode["k"]
     if args.sizes:
         mode = {**mode, "sizes": [tuple(int(v) for v in x.split("x")) for x in args.sizes.split(",")]}
@@ -113,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         gens = [train_supervised(small, tr, va, cfg.train.seed + i, args.verbose, f"mix{i} d={md}") for i in range(k)]
         mix = GeneratorEvaluator([GeneratorPolicy(g, f"gen{i}") for i, g in enumerate(gens)], bundle.models["reward"],
                                  name=f"mixture-{k}")
-        point["mixture"] = evaluate(rank_with_policy(bundle, mix, test), test)
+        point["mixture"] = evaluate(rank_with_policy(bundle, mix, test, device=dev), test)
         point["mixture_params"] = sum(g.num_parameters() for g in gens)
         point["mixture_d_model"] = md
         point["mixture_fit_s"] = time.perf_counter() - t1
@@ -121,7 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[scaling] {params:,} params: GoalRank ndcg@6 {point['goalrank']['ndcg@6']:.4f}, mixture of {k} "
               f"({point['mixture_params']:,}) {point['mixture']['ndcg@6']:.4f} ({fit_s:.0f}s + {point['mixture_fit_s']:.0f}s)",
               flush=True)
+        write(rec, points, mode, max_users, k, dev, args)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return write(rec, points, mode, max_users, k, dev, args)
 
+
+def write(rec, points: list[dict], mode: dict, max_users: int, k: int, dev, args) -> dict:
+    """The result so far (every finished size) -> the JSON."""
     span = points[-1]["params"] / points[0]["params"]
     rows = [[f"{p['params']:,}", f"d={p['d_model']}, {p['n_layers']} layer(s)", f"{p['goalrank']['hr@6']:.4f}",
              f"{p['goalrank']['ndcg@6']:.4f}", f"{p['supervised']['ndcg@6']:.4f}", f"{p['g-e']['ndcg@6']:.4f}",
@@ -129,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"{p['fit_s'] + p['mixture_fit_s']:.0f}"] for p in points]
     result = {
         "config": {"dataset": mode["dataset"], "max_users": max_users, "sizes": mode["sizes"], "k": k,
-                   "overrides": mode["overrides"], "span_orders_of_magnitude": span},
+                   "overrides": mode["overrides"], "span_orders_of_magnitude": span, "device": str(dev),
+                   "matmul_precision": "tf32" if args.tf32 else "fp32", "sizes_done": len(points)},
         "tables": [table(f"Scaling: NDCG@6 against generator parameters ({mode['dataset']}, "
                          f"{'all' if not max_users else max_users} users; sizes span {span:.0f}x)",
                          ["generator params", "shape", "GoalRank HR@6", "GoalRank NDCG@6", "supervised gen. NDCG@6",
@@ -138,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "Parameters count every generator weight (embeddings included).")],
         "data": {"points": points},
     }
-    rec.write(result)
+    rec.write(result, args.results_dir)
     return result
 
 
