@@ -310,11 +310,10 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
     def reevaluate(champ) -> float:
         # The champion was evaluated on other validation data: rank the current validation
         # split with its generator, in process, exactly as the evaluate stage scores GoalRank.
-        from goalrank_core.bundle import ModelBundle
         from goalrank_core.metrics import evaluate_lists
         from goalrank_core.ranking import rank
 
-        bundle = ModelBundle.load(tracking.resolve_model_dir(f"models:/{model_name}/{champ.version}", tracking_uri))
+        bundle = tracking.load_bundle_from(f"models:/{model_name}/{champ.version}", tracking_uri)
         truth = _storage().read_table(_storage().join(uris["prepared"], "valid"), None, "validation split")
         ranked = rank(bundle, truth.drop_columns(["shown", "labels"]), GOALRANK_POLICY, seed=cfg.train.seed)
         k = int(metric.rsplit("@", 1)[1])

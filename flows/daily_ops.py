@@ -81,12 +81,11 @@ def _champion_date(mv: Any) -> date | None:
 
 def _champion_models(mv: Any, model_name: str, tracking_uri: str) -> tuple[Any, Any, str]:
     """(generator bundle, reward bundle or None, note) of a registered version."""
-    from flows.tracking import resolve_model_dir
-    from goalrank_core.bundle import ModelBundle
+    from flows.tracking import load_bundle_from
     from tasks import storage
     from tasks._data import load_bundle
 
-    gen = ModelBundle.load(resolve_model_dir(f"models:/{model_name}/{mv.version}", tracking_uri))
+    gen = load_bundle_from(f"models:/{model_name}/{mv.version}", tracking_uri)
     prefix = (mv.tags or {}).get("goalrank.storage_prefix")
     if not prefix:
         return gen, None, "no goalrank.storage_prefix tag: reward model starts cold"

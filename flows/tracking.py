@@ -325,6 +325,17 @@ def resolve_model_dir(model_uri: str, tracking_uri: str | None = None, dst: str 
     return str(bundle)
 
 
+def load_bundle_from(model_uri: str, tracking_uri: str | None = None):
+    """A ModelBundle, in memory, from a local folder or a `models:/` / `runs:/` URI. A
+    registered model is downloaded into a temporary folder that is removed once loaded."""
+    from goalrank_core.bundle import ModelBundle
+
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return ModelBundle.load(model_uri)
+    with tempfile.TemporaryDirectory(prefix="goalrank-model-") as dst:
+        return ModelBundle.load(resolve_model_dir(model_uri, tracking_uri, dst))
+
+
 def _log_figure(fig, path: Path) -> str:
     """Save a matplotlib figure as PNG, close it, log it under plots/; returns its artifact path."""
     import matplotlib.pyplot as plt

@@ -2,6 +2,8 @@
 the same lists as the bundle), params without credentials, metrics/plots/table artifacts."""
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -62,7 +64,7 @@ def test_scrub_drops_credentials(monkeypatch):
     assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
 
 
-def test_pyfunc_logged_registered_and_loaded_by_alias(bundle_dir, store, tmp_path):
+def test_pyfunc_logged_registered_and_loaded_by_alias(bundle_dir, store, tmp_path, monkeypatch):
     from goalrank_core.bundle import ModelBundle
     from goalrank_core.ranking import rank
 
@@ -93,6 +95,13 @@ def test_pyfunc_logged_registered_and_loaded_by_alias(bundle_dir, store, tmp_pat
     assert sorted(p.name for p in __import__("pathlib").Path(local).iterdir()) == \
         sorted(p.name for p in __import__("pathlib").Path(bundle_dir).iterdir())
     assert tracking.resolve_model_dir("/some/local/dir", uri) == "/some/local/dir"
+    # load_bundle_from (`goalrank rank`, the daily flows) loads it and leaves no download behind.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    loaded = tracking.load_bundle_from("models:/goalrank-t@champion", uri)
+    assert rank(loaded, requests, "goalrank").equals(expected)
+    assert list(scratch.iterdir()) == []
 
     # Bad requests are refused with a message naming the column.
     bad = example.drop(columns=["candidates"])

@@ -76,13 +76,13 @@ def _rank(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model_dir = args.model
-    if model_dir.startswith(("models:/", "runs:/")):  # a registered model, e.g. models:/goalrank@champion
-        from flows.tracking import resolve_model_dir
+    if args.model.startswith(("models:/", "runs:/")):  # a registered model, e.g. models:/goalrank@champion
+        from flows.tracking import load_bundle_from
         from goalrank.settings import resolve_settings
 
-        model_dir = resolve_model_dir(args.model, resolve_settings().tracking_uri)
-    bundle = ModelBundle.load(model_dir)
+        bundle = load_bundle_from(args.model, resolve_settings().tracking_uri)
+    else:
+        bundle = ModelBundle.load(args.model)
     if args.policy not in available_policies(bundle):
         raise UserError(f"unknown policy '{args.policy}' for {args.model}; available: {', '.join(available_policies(bundle))}")
     requests = read_requests(args.requests)
