@@ -77,6 +77,7 @@ def _manifest(uri):
     return read_manifest(uri)
 
 
+@pytest.mark.slow  # two whole daily runs on Ray (~4-8 min); `make test-slow` runs it
 def test_window_new_partition_and_warm_start(daily):
     import numpy as np
     from mlflow import MlflowClient
