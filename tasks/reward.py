@@ -57,7 +57,7 @@ def proposals_array(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) -> dict:
     """Runs in a Ray task: the proposers' lists of every train and valid request, exactly as
     goalrank_core.fit.train_reward computes them. -> {"train": table + proposals column,
-    "valid": (V, G, L) or None, "valid_ids", "names", "seconds"}."""
+    "valid": (V, G, L) or None, "valid_ids", "names", "lists_per_request", "seconds"}."""
     from goalrank_core.fit import encode, proposer_lists
     from goalrank_core.policies import build_auxiliary
     from goalrank_core.ranking import policy_resources
@@ -72,8 +72,10 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     aux = build_auxiliary(res) + [res.extra["supervised"]]
     train = storage.read_table(storage.join(prepared, "train"), None, "reward: train split")
     props = proposer_lists(encode(bundle, train), aux, sup, cfg, seed=cfg.train.seed + 101)
+    # Valid (complete) lists per request, for the log and the manifest.
+    per_req = float((props.lists >= 0).all(-1).sum(1).mean()) if len(props.lists) else 0.0
     out = {"train": train.append_column(PROPOSALS, proposals_column(props.lists)), "valid": None, "valid_ids": [],
-           "names": props.names}
+           "names": props.names, "lists_per_request": per_req}
     valid = storage.read_table(storage.join(prepared, "valid"), None, "reward: valid split")
     if valid.num_rows:
         enc = encode(bundle, valid)
@@ -188,8 +190,7 @@ def train_reward_model(prepared: str, policies: str | None, out: str, config: Go
             spec.valid_proposals, spec.valid_ids = res["valid"], res["valid_ids"]
             train = res["train"]
             dataset = ray.data.from_arrow(_blocks(train, 4 * config.train.num_workers))
-            lists = proposals_array(train.column(PROPOSALS))
-            per_req = float((lists >= 0).all(-1).sum(1).mean()) if len(lists) else 0.0
+            per_req = res["lists_per_request"]
             print(f"[reward] proposers' lists: {', '.join(res['names'])}; {per_req:.1f} per request on "
                   f"{train.num_rows} train requests ({res['seconds']:.1f}s)", flush=True)
             extra = {"proposals": {"policies": res["names"], "lists_per_request": round(per_req, 2),
