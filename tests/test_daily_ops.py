@@ -183,6 +183,7 @@ def test_bad_partition_stops_before_training_champion_untouched(daily, case):
         shutil.rmtree(part, ignore_errors=True)
 
 
+@pytest.mark.slow  # builds on the slow window test's two completed dates
 def test_backfill_skips_completed_dates(daily, prefect_harness, monkeypatch, capsys):
     from flows.daily_ops import backfill
     from goalrank.cli import main
