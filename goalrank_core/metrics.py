@@ -67,9 +67,12 @@ def per_request(ranked: np.ndarray, positives: np.ndarray, k: int) -> dict[str, 
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (seeded)."""
+    """Percentile bootstrap interval of the mean of `values` (seeded); (nan, nan) when there
+    is nothing to resample or `n_boot` is 0 (no interval asked for)."""
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     n = len(values)
-    if n == 0:
+    if n == 0 or n_boot == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)

@@ -148,3 +148,10 @@ def test_evaluate_cli(tmp_path, capsys):
     pq.write_table(ranked({"a": [1, 99], "b": [5], "c": [1]}), tmp_path / "bad.parquet")
     assert main(["evaluate", "--lists", str(tmp_path / "bad.parquet"), "--truth", str(tmp_path / "truth.parquet")]) == 2
     assert "item 99 is not among" in capsys.readouterr().err
+
+
+def test_bootstrap_without_resamples_gives_no_interval():
+    v = np.random.default_rng(0).random(20)
+    assert all(np.isnan(x) for x in bootstrap_ci(v, n_boot=0))
+    with pytest.raises(ValueError, match="n_boot must be >= 0"):
+        bootstrap_ci(v, n_boot=-1)
