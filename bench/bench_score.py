@@ -12,10 +12,15 @@ the manifest: actor start-up with the torch import and model load, Parquet read 
 whatever the input, so the groups of the ML-100K training requests are written `REPEAT`
 times over (fresh random lists) to make the stage's time mostly work. Also reported,
 not compared to the targets: the actors' steady-state lists/s (`busy_s` in the manifest's
-`actor_timing`: first batch start to last batch end), the start-up before the first batch
-and, in full mode, the bare loop with every thread.
+`actor_timing`: first batch start to last batch end), the start-up before the first batch,
+in full mode the bare loop with every thread, and the machine's own ceiling for 2 workers:
+the bare loop in 2 plain processes at once, each over half the groups.
 
-    python -m bench.bench_score --mode quick|full
+The stage runs `--trials` times per actor count (default 3), interleaved 1, 2, 1, 2, ... so
+that a change in the machine's load falls on both; the ratios compare the median runs, and
+every trial's lists/s is kept in the result.
+
+    python -m bench.bench_score --mode quick|full [--trials 3]
 """
 from __future__ import annotations
 
@@ -59,12 +64,66 @@ def bare_loop(prep: str, reward_uri: str, cand: str, cfg, threads: int, rows: in
     return {"seconds": dt, "groups": groups.num_rows, "lists": lists, "lists_per_s": lists / dt, "threads": threads}
 
 
-def stage_run(prep: str, reward_uri: str, cand: str, cfg, root: str, actors: int, lists_per_group: float) -> dict:
+def _bare_worker(args: tuple, barrier, queue) -> None:
+    """One process of `bare_processes`: load, wait for the others, time its share of the loop."""
+    prep, reward_uri, cand, cfg_dict, part, parts = args
+    from goalrank_core.config import GoalRankConfig
+    from tasks._data import load_bundle
+    from tasks._groups import RequestIndex
+    from tasks.score import score_batch
+
+    torch.set_num_threads(1)
+    cfg = GoalRankConfig.from_dict(cfg_dict)
+    bundle = load_bundle(storage.join(reward_uri, "model"), "bench reward")
+    model = bundle.require("reward").eval()
+    index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
+    groups = storage.read_table(storage.join(cand, "groups"), None, "bench groups")
+    share = -(-groups.num_rows // parts)
+    groups = groups.slice(part * share, share)
+    bs = cfg.train.batch_size
+    barrier.wait()
+    t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes
+    lists = 0
+    for i in range(0, groups.num_rows, bs):
+        lists += len(score_batch(bundle, model, index, groups.slice(i, bs), cfg).column("rewards").combine_chunks().flatten())
+    queue.put((lists, t0, time.perf_counter()))
+
+
+def bare_processes(prep: str, reward_uri: str, cand: str, cfg, procs: int) -> dict:
+    """The bare loop in `procs` plain processes at once (1 torch thread each, no Ray), each
+    over its share of the groups: what this machine's cores give for the same work, i.e. the
+    ceiling for `procs` actors. lists/s = all lists / (last end - first start)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_bare_worker, args=((prep, reward_uri, cand, cfg.to_dict(), i, procs), barrier, queue))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    done = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    lists = sum(d[0] for d in done)
+    dt = max(d[2] for d in done) - min(d[1] for d in done)
+    return {"seconds": dt, "lists": lists, "lists_per_s": lists / dt, "processes": procs}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median end-to-end lists/s (the lower middle one for an even count),
+    with every trial's lists/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["lists_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "trials_lists_per_s": [round(r["lists_per_s"], 1) for r in runs],
+            "trials_steady_lists_per_s": [round(r.get("steady_lists_per_s", 0.0), 1) for r in runs]}
+
+
+def stage_run(prep: str, reward_uri: str, cand: str, cfg, root: str, actors: int, lists_per_group: float,
+              trial: int = 0) -> dict:
     from tasks.stages import score
 
     os.environ["GOALRANK_DATA_ACTORS"] = str(actors)
     t0 = time.perf_counter()
-    res = score(cand, prep, reward_uri, storage.join(root, f"score-a{actors}"), cfg)
+    res = score(cand, prep, reward_uri, storage.join(root, f"score-a{actors}-t{trial}"), cfg)
     dt = time.perf_counter() - t0
     timing = res.manifest.get("actor_timing") or {}
     lists = res.manifest["tables"]["groups"]["rows"] * lists_per_group
@@ -80,11 +139,13 @@ def main() -> None:
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--storage", default=None, help="artifact root (default: a temporary folder)")
     ap.add_argument("--repeat", type=int, default=None, help="times the groups are written over (default per mode)")
+    ap.add_argument("--trials", type=int, default=3, help="stage runs per actor count, interleaved; ratios use medians")
     args = ap.parse_args()
     t_start = time.perf_counter()
     ensure_ray()
     cfg = config(args.mode)
     repeat = args.repeat or REPEAT[args.mode]
+    trials = max(1, args.trials)
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         root = args.storage or tmp
         prep = prepared(root, cfg)
@@ -96,16 +157,25 @@ def main() -> None:
         # gets more than one thread, and 2 threads on 2 cores compete with Ray's processes).
         bare_all = bare_loop(prep, reward_uri, cand, cfg, threads=os.cpu_count() or 1,
                              rows=bare1["groups"] // repeat) if args.mode == "full" else None
-        one = stage_run(prep, reward_uri, cand, cfg, root, 1, per_group)
-        two = stage_run(prep, reward_uri, cand, cfg, root, 2, per_group)
+        bare2 = bare_processes(prep, reward_uri, cand, cfg, 2)
+        # Interleaved trials (1, 2, 1, 2, ...) so that drift in the machine's load falls on both;
+        # the ratios compare medians. Each trial is a fresh stage (its own output folder).
+        runs: dict[int, list[dict]] = {1: [], 2: []}
+        for t in range(trials):
+            for actors in (1, 2):
+                runs[actors].append(stage_run(prep, reward_uri, cand, cfg, root, actors, per_group, trial=t))
+    one, two = _median_run(runs[1]), _median_run(runs[2])
     result = {
-        "bare_1_thread": bare1, "bare_all_threads": bare_all, "ray_1_actor": one, "ray_2_actors": two,
+        "bare_1_thread": bare1, "bare_all_threads": bare_all, "bare_2_processes": bare2, "ray_1_actor": one, "ray_2_actors": two,
         "compared": "end-to-end stage lists/s (call to manifest) against the bare loop's lists/s",
         "ratio_1_actor_vs_bare": one["lists_per_s"] / bare1["lists_per_s"],
         "ratio_2_vs_1_actor": two["lists_per_s"] / one["lists_per_s"],
+        # The machine's own ceiling for the second target: 2 plain processes against 1.
+        "ratio_bare_2_vs_1_process": bare2["lists_per_s"] / bare1["lists_per_s"],
         "targets": {"ratio_1_actor_vs_bare": 0.8, "ratio_2_vs_1_actor": 1.6},
         "config": {"group.size": cfg.group.size, "batch_size": cfg.train.batch_size,
-                   "max_users": cfg.protocol.max_users, "repeat": repeat},
+                   "max_users": cfg.protocol.max_users, "repeat": repeat,
+                   "trials": trials},
         "bench_wall_s": time.perf_counter() - t_start,
     }
     if one.get("steady_lists_per_s") and two.get("steady_lists_per_s"):

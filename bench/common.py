@@ -121,10 +121,12 @@ def command_line() -> str:
 class Recorder:
     """Collects one benchmark's provenance; `write(result)` adds it and saves the JSON."""
 
-    def __init__(self, name: str, mode: str, command: str | None = None):
+    def __init__(self, name: str, mode: str, command: str | None = None, tag: str = ""):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.name, self.mode = name, mode
+        if tag and not tag.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"tag must be letters, digits, '-' or '_', got {tag!r}")
+        self.name, self.mode, self.tag = name, mode, tag
         self.command = command or command_line()
         self.started = time.time()
         self.load_start = load_avg()
@@ -138,7 +140,7 @@ class Recorder:
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": round(time.time() - self.started, 1),
                "git": git_info(), "machine": m, **result}
-        path = out_dir / f"{self.name}_{self.mode}.json"
+        path = out_dir / f"{self.name}_{self.mode}{'_' + self.tag if self.tag else ''}.json"
         path.write_text(json.dumps(_jsonable(doc), indent=1, sort_keys=True, allow_nan=True))
         print(f"[{self.name}] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
               f"({doc['wall_s']:.0f}s)", flush=True)

@@ -18,6 +18,7 @@ from bench.common import DOCS, RESULTS
 # Section order and titles; unknown benchmarks follow, alphabetically.
 SECTIONS = {
     "main_table": "Main table (the paper's Table 1)",
+    "oracle_groups": "Headroom of group-relative training over its supervised start",
     "group_size": "Group size |B| (the paper's Table 2)",
     "scaling": "Scaling with generator size (the paper's Figure 3)",
     "latency": "Latency: GoalRank against Generator-Evaluator",

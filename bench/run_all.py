@@ -27,7 +27,7 @@ BENCHMARKS = {
     "group_size": ("bench.group_size", 700, 6 * 3600),
     "scaling": ("bench.scaling", 700, 6 * 3600),
     "pipeline_cost": ("bench.pipeline_cost", 900, 4 * 3600),
-    "bench_score": ("bench.bench_score", 400, 3600),
+    "bench_score": ("bench.bench_score", 600, 3600),
     "bench_train_generator": ("bench.bench_train_generator", 400, 3600),
 }
 

@@ -103,12 +103,18 @@ class RewardConfig:
         "start the reward model's embeddings and context layers from the supervised generator's "
         "embeddings and encoder (as RLHF reward models start from the SFT model), when their shapes "
         "match (same d_model, n_heads, ff_mult, and context_layers == generator.n_layers)", True)
+    list_weight: float = _help(
+        "weight of the list-ranking term beside the BCE: within each training request, the model's "
+        "own pi_ref over its labelled lists (normalised scores, softmax) is fitted to the pi_ref of "
+        "their logged DCG, so the model learns to order lists, which is how G-E and pi_ref use it "
+        "(0 = BCE only)", 1.0)
 
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
         _check(self.context_layers >= 0, "reward.context_layers", f"must be >= 0, got {self.context_layers}")
+        _check(self.list_weight >= 0, "reward.list_weight", f"must be >= 0, got {self.list_weight}")
         _check_transformer(self, "reward")
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
-from goalrank_core.group import group_relative_loss
+from goalrank_core.group import group_relative_loss, normalise_rewards
 from goalrank_core.reward_model import masked_bce
 
 Log = Callable[[str], None]
@@ -98,11 +98,33 @@ def pick_lists(proposals: torch.Tensor, k: int, gen: torch.Generator | None = No
     return proposals.gather(1, idx[..., None].expand(-1, -1, proposals.shape[2]))
 
 
+def list_rank_loss(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The group-relative view of a request's labelled lists, for the reward model: its own
+    pi_ref over them (list scores sum_k p_k / log2(k + 2) from `logits`, normalised inside the
+    request, softmax) against the pi_ref of their logged DCG, as cross-entropy
+    -sum pi_label log pi_model. logits, lists, labels (B, G, L); a list with a -1 entry is left
+    out; mean over requests with two lists of different DCG (0 if none). `eps` keeps the
+    normalisation finite when the model scores a request's lists alike."""
+    dcg = 1.0 / torch.log2(torch.arange(lists.shape[-1], device=lists.device, dtype=logits.dtype) + 2)  # (L,)
+    full = (lists >= 0).all(-1)  # (B, G)
+    filled = (lists >= 0).to(logits.dtype)
+    score = (torch.sigmoid(logits) * filled * dcg).sum(-1)  # (B, G)
+    target = (labels.to(logits.dtype).clamp(0, 1) * filled * dcg).sum(-1)  # (B, G)
+    tz = normalise_rewards(target, full)  # (B, G), 0 where all lists tie
+    informative = (tz != 0).any(1) & (full.sum(1) >= 2)  # (B,)
+    pi_label = torch.softmax(tz.masked_fill(~full, float("-inf")), 1).nan_to_num(0.0)
+    log_pi = torch.log_softmax(normalise_rewards(score, full, eps).masked_fill(~full, float("-inf")), 1)
+    ce = -(pi_label * log_pi.masked_fill(~full, 0.0)).sum(1)  # (B,)
+    w = informative.to(logits.dtype)
+    return (ce * w).sum() / w.sum().clamp(min=1)
+
+
 def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None,
-                extra_lists: torch.Tensor | None = None) -> torch.Tensor:
+                extra_lists: torch.Tensor | None = None, list_weight: float = 0.0) -> torch.Tensor:
     """BCE on the logged list, plus `augment` lists mixing in unshown candidates, plus
     `extra_lists` (B, K, L) (e.g. the group proposers' lists; -1 lists are skipped) labelled
-    from the log (`log_labels`). Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
+    from the log (`log_labels`); plus `list_weight` x `list_rank_loss` over those same lists.
+    Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
     lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
     if augment > 0:
         extra, extra_labels = augment_lists(batch, augment, gen)
@@ -110,7 +132,11 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
     if extra_lists is not None and extra_lists.shape[1] > 0:
         lists = torch.cat([lists, extra_lists], dim=1)
         labels = torch.cat([labels, log_labels(batch, extra_lists)], dim=1)
-    return masked_bce(model(batch, lists), lists, labels)
+    logits = model(batch, lists)  # (B, G, L)
+    loss = masked_bce(logits, lists, labels)
+    if list_weight > 0:
+        loss = loss + list_weight * list_rank_loss(logits, lists, labels)
+    return loss
 
 
 def positive_lists(batch: RequestBatch) -> torch.Tensor:
@@ -234,8 +260,9 @@ def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, mo
                        proposal_lists: int | None = None) -> list[EpochLog]:
     """BCE on logged lists (+ augmented lists, default `model.cfg.augment_lists`; + per request
     `proposal_lists` (default `model.cfg.group_lists`) lists drawn from `proposals` (R, G, L),
-    e.g. the group proposers' lists, labelled from the log); validation = BCE on the logged
-    valid lists and all of `valid_proposals` (lower is better)."""
+    e.g. the group proposers' lists, labelled from the log), plus `model.cfg.list_weight` x the
+    list-ranking term over them; validation = BCE on the logged valid lists and all of
+    `valid_proposals` (lower is better)."""
     dev = _device(model)
     augment = model.cfg.augment_lists if augment is None else augment
     k = model.cfg.group_lists if proposal_lists is None else proposal_lists
@@ -245,7 +272,7 @@ def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, mo
         extra = None
         if proposals is not None and k > 0:
             extra = pick_lists(torch.from_numpy(proposals[idx]).to(dev), k, gen)  # (B, k, L)
-        return reward_loss(model, train.batch(idx, dev), augment, gen, extra)
+        return reward_loss(model, train.batch(idx, dev), augment, gen, extra, model.cfg.list_weight)
 
     validate = None
     if valid is not None and len(valid):

@@ -125,14 +125,15 @@ class RewardSpec(TrainSpec):
             init_reward(model, pol, lambda msg: print(f"[reward] {msg}", flush=True) if rank == 0 else None)
         self.augment = model.cfg.augment_lists
         self.k = model.cfg.group_lists  # proposer lists per request, as trainer.train_reward_model
+        self.list_weight = model.cfg.list_weight
         return model
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: Any, augment: int, gen: torch.Generator,
-             extra: torch.Tensor | None) -> torch.Tensor:
+             extra: torch.Tensor | None, list_weight: float) -> torch.Tensor:
         from goalrank_core.trainer import reward_loss
 
-        return reward_loss(model, batch, augment, gen, extra)
+        return reward_loss(model, batch, augment, gen, extra, list_weight)
 
     def batch_args(self, table: Any, device: Any, gen: torch.Generator) -> tuple:
         from goalrank_core.fit import encode
@@ -143,7 +144,7 @@ class RewardSpec(TrainSpec):
         if self.k > 0 and PROPOSALS in table.column_names:
             # Drawn before the augmented lists, from the same generator: trainer.train_reward_model's order.
             extra = pick_lists(torch.from_numpy(proposals_array(table.column(PROPOSALS))).to(device), self.k, gen)  # (B, k, L)
-        return batch, self.augment, gen, extra
+        return batch, self.augment, gen, extra, self.list_weight
 
     def validate(self, model: torch.nn.Module) -> float:
         from goalrank_core.trainer import mean_reward_loss

@@ -83,12 +83,14 @@ def test_seed_summary_is_mean_std_and_t_interval():
     assert t975(1) == 12.706 and t975(100) == 1.96
 
 
-def test_gain_is_over_the_best_other_row():
+def test_gain_is_over_the_best_baseline_and_the_warm_start_is_reported_beside_it():
     from bench.main_table import gains
 
-    summ = {"GoalRank": {"hr@6": {"mean": 0.33}}, "PRM": {"hr@6": {"mean": 0.30}}, "random": {"hr@6": {"mean": 0.1}}}
+    summ = {"GoalRank": {"hr@6": {"mean": 0.33}}, "PRM": {"hr@6": {"mean": 0.30}}, "random": {"hr@6": {"mean": 0.1}},
+            "supervised generator": {"hr@6": {"mean": 0.34}}}
     g = gains(summ)["hr@6"]
     assert g["best_baseline"] == "PRM" and g["gain_pct"] == pytest.approx(10.0)
+    assert g["warm_start"] == 0.34 and g["gain_over_warm_start_pct"] == pytest.approx(-100 * 0.01 / 0.34)
 
 
 def test_group_stats_measure_the_reward_spread():
@@ -131,3 +133,19 @@ def test_latency_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
     assert doc["command"] == "pytest tiny latency" and doc["machine"]["cpus"] >= 1 and doc["wall_s"] >= 0
     text = report.write_report(tmp_path, tmp_path / "results.md", plots=False).read_text()
     assert "pytest tiny latency" in text and f"| 1 | {round(s['batch_1']['ratio_p50'], 3)} |" in text
+
+
+def test_oracle_pi_ref_follows_the_logged_dcg_of_each_list():
+    from bench.oracle_groups import oracle_pi_ref
+    from goalrank_core.batch import EncodedRequests
+
+    # One request: shown positions 0..2 with labels 1, 0, 1; candidates 0..4.
+    train = EncodedRequests(request_id=np.array(["r"], dtype=object), user=np.zeros(1, np.int64),
+                            history=np.zeros((1, 1), np.int64), candidates=np.arange(5)[None],
+                            cand_mask=np.ones((1, 5), bool), category=np.zeros((1, 5), np.int64),
+                            shown=np.array([[0, 1, 2]]), labels=np.array([[1.0, 0.0, 1.0]], np.float32),
+                            raw_candidates=np.arange(5)[None])
+    lists = np.array([[[0, 2, 1], [2, 3, 4], [3, 4, 1], [-1, -1, -1]]])  # DCG 1.63, 1, 0, padding
+    mask = np.array([[True, True, True, False]])
+    pi = oracle_pi_ref(train, lists, mask, tau=1.0, eps=1e-6)[0]
+    assert pi[0] > pi[1] > pi[2] > 0 and pi[3] == 0 and pi.sum() == pytest.approx(1.0)

@@ -8,7 +8,7 @@ from goalrank_core.batch import RequestBatch
 from goalrank_core.config import RewardConfig
 from goalrank_core.fit import group_proposals
 from goalrank_core.reward_model import RewardModel
-from goalrank_core.trainer import log_labels, pick_lists, reward_loss
+from goalrank_core.trainer import list_rank_loss, log_labels, pick_lists, reward_loss
 from gr_helpers import random_batch, tiny_config
 
 
@@ -117,3 +117,45 @@ def test_reward_init_refuses_mismatched_shapes_and_follows_the_config():
         bundle.models["supervised"] = gen
         assert init_reward(reward, bundle, log=lambda _: None) is expect
     assert torch.equal(reward.embed.item.weight, gen.embed.item.weight)
+
+
+def _two_lists(logit_good: float, logit_bad: float):
+    """One request, two full lists of 2: the first holds a positive at the top, the second none."""
+    lists = torch.tensor([[[0, 1], [2, 3]]])  # (1, 2, 2)
+    labels = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    logits = torch.tensor([[[logit_good, 0.0], [logit_bad, 0.0]]], requires_grad=True)
+    return logits, lists, labels
+
+
+def test_list_rank_loss_is_small_when_the_model_orders_lists_as_the_log():
+    right = list_rank_loss(*_two_lists(3.0, -3.0), eps=1e-9)
+    wrong = list_rank_loss(*_two_lists(-3.0, 3.0), eps=1e-9)
+    # Two lists normalise to z = +-1 on both sides: the target is softmax(1, -1).
+    t = torch.softmax(torch.tensor([1.0, -1.0]), 0)
+    assert torch.allclose(right, -(t * torch.log_softmax(torch.tensor([1.0, -1.0]), 0)).sum(), atol=1e-5)
+    assert torch.allclose(wrong, -(t * torch.log_softmax(torch.tensor([-1.0, 1.0]), 0)).sum(), atol=1e-5)
+    logits, lists, labels = _two_lists(-0.5, 0.5)
+    list_rank_loss(logits, lists, labels).backward()
+    assert logits.grad[0, 0, 0] < 0 < logits.grad[0, 1, 0]  # descent raises the good list, lowers the bad
+
+
+def test_list_rank_loss_ignores_requests_without_a_preference_and_incomplete_lists():
+    logits = torch.randn(2, 3, 2)
+    lists = torch.tensor([[[0, 1], [2, 3], [4, 5]], [[0, 1], [2, -1], [4, 5]]])
+    labels = torch.zeros(2, 3, 2)  # every list ties
+    assert list_rank_loss(logits, lists, labels) == 0
+    labels[1, 1, 0] = 1.0  # only the incomplete list differs: still no pair to learn from
+    assert list_rank_loss(logits, lists, labels) == 0
+
+
+def test_reward_loss_adds_the_weighted_list_term():
+    b = random_batch(b=4, n=10, l=4)
+    torch.manual_seed(0)
+    model = RewardModel(RewardConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.0), 40, 10, 4, 4).eval()
+    extra = torch.tensor([[4, 5, 6, 7], [3, 2, 1, 0]]).expand(4, 2, 4)
+    with torch.no_grad():
+        bce = reward_loss(model, b, extra_lists=extra)
+        lists = torch.cat([b.shown[:, None, :], extra], 1)
+        term = list_rank_loss(model(b, lists), lists, torch.cat([b.labels[:, None, :], log_labels(b, extra)], 1))
+        both = reward_loss(model, b, extra_lists=extra, list_weight=0.5)
+    assert term > 0 and torch.allclose(both, bce + 0.5 * term, atol=1e-6)

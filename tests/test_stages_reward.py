@@ -90,7 +90,7 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
 @pytest.mark.ray
 def test_reward_worker_batch_loss_is_the_core_loss(stages):
     """A worker's batch (its shard's rows, proposals column attached) gives exactly the core
-    training step's loss: pick_lists, then reward_loss, from one generator."""
+    training step's loss: pick_lists, then reward_loss with the list term, from one generator."""
     from goalrank_core.fit import encode
     from goalrank_core.trainer import pick_lists, reward_loss
     from tasks import storage
@@ -101,14 +101,14 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
     spec = RewardSpec(cfg.to_dict(), storage.normalize(prep.uri))
     torch.manual_seed(0)
     model = spec.setup(rank=1).eval()  # not rank 0: no validation data; eval: no dropout draws
-    assert spec.k == cfg.reward.group_lists == 2
+    assert spec.k == cfg.reward.group_lists == 2 and spec.list_weight == cfg.reward.list_weight > 0
     args = spec.batch_args(table, "cpu", torch.Generator().manual_seed(3))
     assert args[3].shape == (4, 2, cfg.protocol.slate_len)
     got = spec.loss(model, *args)
     gen = torch.Generator().manual_seed(3)
     batch = encode(spec.bundle, table).batch(slice(None))
     extra = pick_lists(torch.from_numpy(proposals_array(table.column(PROPOSALS))), 2, gen)
-    want = reward_loss(model, batch, cfg.reward.augment_lists, gen, extra)
+    want = reward_loss(model, batch, cfg.reward.augment_lists, gen, extra, cfg.reward.list_weight)
     assert torch.equal(got, want)
     assert not torch.equal(got, reward_loss(model, batch, cfg.reward.augment_lists, torch.Generator().manual_seed(3)))
 
