@@ -98,10 +98,11 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
 
     cfg, prep, pol = stages["cfg"], stages["prepare"], stages["policies"]
     table = _proposals(prep.uri, pol.uri, cfg.to_dict(), 1)["train"].take([5, 1, 17, 3])
+    cfg = cfg.override({"reward.list_weight": 0.5})  # the list term on, so the worker must pass it
     spec = RewardSpec(cfg.to_dict(), storage.normalize(prep.uri))
     torch.manual_seed(0)
     model = spec.setup(rank=1).eval()  # not rank 0: no validation data; eval: no dropout draws
-    assert spec.k == cfg.reward.group_lists == 2 and spec.list_weight == cfg.reward.list_weight > 0
+    assert spec.k == cfg.reward.group_lists == 2 and spec.list_weight == 0.5
     args = spec.batch_args(table, "cpu", torch.Generator().manual_seed(3))
     assert args[3].shape == (4, 2, cfg.protocol.slate_len)
     got = spec.loss(model, *args)
