@@ -4,7 +4,9 @@ single-process torch loop doing the same per-batch work over the same model and 
 The bare loop calls `tasks.score.score_batch`, the function each Scorer actor runs per batch
 (look the requests up, encode them, map the lists to positions, reward_model.score, pi_ref,
 the output columns), over slices of `train.batch_size` groups, with 1 torch thread as an
-actor with a fractional CPU has. It times the loop only: model and data are already loaded.
+actor with a fractional CPU has, in a fresh process started with the environment Ray's
+workers get (tasks.ray_runtime.worker_env). It times the loop only: model and data are
+already loaded.
 
 Targets (issue 4), both on END-TO-END stage lists/s (the stage's wall time from the call to
 the manifest: actor start-up with the torch import and model load, Parquet read and write):
@@ -86,7 +88,7 @@ def _bare_worker(args: tuple, barrier, queue) -> None:
     lists = 0
     for i in range(0, groups.num_rows, bs):
         lists += len(score_batch(bundle, model, index, groups.slice(i, bs), cfg).column("rewards").combine_chunks().flatten())
-    queue.put((lists, t0, time.perf_counter()))
+    queue.put((lists, t0, time.perf_counter(), groups.num_rows))
 
 
 def bare_processes(prep: str, reward_uri: str, cand: str, cfg, procs: int) -> dict:
@@ -95,6 +97,9 @@ def bare_processes(prep: str, reward_uri: str, cand: str, cfg, procs: int) -> di
     ceiling for `procs` actors. lists/s = all lists / (last end - first start)."""
     import multiprocessing as mp
 
+    from tasks.ray_runtime import worker_env
+
+    os.environ.update(worker_env())  # read by glibc as each process starts, as Ray's workers get it
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_bare_worker, args=((prep, reward_uri, cand, cfg.to_dict(), i, procs), barrier, queue))
@@ -106,7 +111,8 @@ def bare_processes(prep: str, reward_uri: str, cand: str, cfg, procs: int) -> di
         w.join()
     lists = sum(d[0] for d in done)
     dt = max(d[2] for d in done) - min(d[1] for d in done)
-    return {"seconds": dt, "lists": lists, "lists_per_s": lists / dt, "processes": procs}
+    return {"seconds": dt, "lists": lists, "groups": sum(d[3] for d in done), "lists_per_s": lists / dt,
+            "processes": procs, "threads": 1}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -151,7 +157,9 @@ def main() -> None:
         prep = prepared(root, cfg)
         reward_uri = untrained_reward(root, prep, cfg)
         cand = random_groups(root, prep, cfg, repeat=repeat)
-        bare1 = bare_loop(prep, reward_uri, cand, cfg, threads=1)
+        # The bare loop runs in a fresh process started with Ray's worker environment
+        # (tasks.ray_runtime.worker_env: malloc settings glibc reads at start): the actor's setting.
+        bare1 = bare_processes(prep, reward_uri, cand, cfg, 1)
         per_group = bare1["lists"] / bare1["groups"]
         # Every thread, full mode only, on one copy of the groups (informational: no actor
         # gets more than one thread, and 2 threads on 2 cores compete with Ray's processes).

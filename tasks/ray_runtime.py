@@ -20,6 +20,27 @@ _ENV_DEFAULTS = {
 }
 
 
+# glibc malloc settings for Ray's worker processes (read once, when a process starts). By
+# default glibc serves blocks over 128 KiB (most activation tensors) with their own mmap and
+# unmaps them on free, so every batch page-faults its tensors in again; and Ray Data calls a
+# map UDF from a pool thread, whose separate arena gives pages back the same way. The score
+# loop then spends about a quarter of its time in the kernel (1.6M minor faults per 9 s), and
+# two workers on two cores contend there. One arena that keeps its pages: bench.bench_score
+# (quick, medians of 3) went from 15.4k to 17.3k lists/s with one actor and from 21.0k to
+# 26.6k with two (the variables set in the shell that started the benchmark).
+# Peak RSS is the same high-water mark, but freed memory stays with the worker process.
+# GOALRANK_WORKER_MALLOC=0 turns it off; a MALLOC_* variable already set wins.
+WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                     "MALLOC_TRIM_THRESHOLD_": str(1 << 32), "MALLOC_TOP_PAD_": str(1 << 28)}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables every Ray worker process of this job starts with."""
+    if os.environ.get("GOALRANK_WORKER_MALLOC", "1").strip().lower() in ("0", "false", "no"):
+        return {}
+    return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
+
+
 def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Make sure this process is connected to Ray and return its cluster resources.
 
@@ -33,9 +54,16 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, log_to_driver=True)
+        env = worker_env()
+        if address:  # a cluster's workers get the variables through the job's runtime_env
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         else:
+            # A local Ray's raylet and workers inherit this process's environment from exec, so
+            # they need no runtime_env (one makes Ray start a separate worker pool, which cost
+            # about 2 s more start-up per actor pool in bench.bench_score). This process's own
+            # allocator is already set up and is unaffected.
+            for k, v in env.items():
+                os.environ.setdefault(k, v)
             _local_ray_on_loopback()
             cpus = num_cpus or int(os.environ.get("GOALRANK_RAY_NUM_CPUS", "0")) or os.cpu_count() or 1
             kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}

@@ -172,3 +172,33 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     assert 0 < timing["busy_s"] <= res.manifest["wall_s"]
     assert 0 <= timing["first_batch_at_s"] < timing["last_batch_end_s"] <= res.manifest["wall_s"]
     assert len([f for f in storage.list_files(storage.join(res.uri, "groups")) if f.endswith(".parquet")]) == 1
+
+
+def test_worker_env_sets_malloc_unless_turned_off_or_already_set(monkeypatch):
+    from tasks.ray_runtime import WORKER_MALLOC_ENV, worker_env
+
+    for k in WORKER_MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("GOALRANK_WORKER_MALLOC", raising=False)
+    assert worker_env() == WORKER_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    assert worker_env()["MALLOC_TRIM_THRESHOLD_"] == "123"
+    monkeypatch.setenv("GOALRANK_WORKER_MALLOC", "0")
+    assert worker_env() == {}
+
+
+@pytest.mark.ray
+def test_ray_workers_start_with_the_worker_env(ray_session):
+    """glibc reads MALLOC_* once, when a process starts: the variables must be in the worker
+    process's environment from exec (the job's runtime_env), not set later from Python."""
+    import ray
+
+    from tasks.ray_runtime import worker_env
+
+    @ray.remote(num_cpus=0.5)
+    def env_at_exec() -> dict:
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [p.decode().split("=", 1) for p in f.read().split(b"\0") if b"=" in p]
+        return {k: v for k, v in pairs if k.startswith("MALLOC_")}
+
+    assert worker_env() and ray.get(env_at_exec.remote()) == worker_env()
