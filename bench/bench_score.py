@@ -40,26 +40,36 @@ from tasks.ray_runtime import ensure_ray
 REPEAT = {"quick": 8, "full": 4}  # quick: 300 users, ~4.5k requests x 8; full: all 943 users, ~13.5k x 4
 
 
-def bare_loop(prep: str, reward_uri: str, cand: str, cfg, threads: int, rows: int | None = None) -> dict:
-    """The Scorer's per-batch work in this process: lists/s of the loop alone."""
+def _load(prep: str, reward_uri: str, cand: str) -> tuple:
+    """What a Scorer actor holds, plus the groups: (bundle, reward model, request index, groups)."""
     from tasks._data import load_bundle
     from tasks._groups import RequestIndex
+
+    bundle = load_bundle(storage.join(reward_uri, "model"), "bench reward")
+    index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
+    groups = storage.read_table(storage.join(cand, "groups"), None, "bench groups")
+    return bundle, bundle.require("reward").eval(), index, groups
+
+
+def _score_all(bundle, model, index, groups, cfg) -> int:
+    """The Scorer's per-batch work over `groups` -> lists scored."""
     from tasks.score import score_batch
 
+    bs, lists = cfg.train.batch_size, 0
+    for i in range(0, groups.num_rows, bs):
+        lists += len(score_batch(bundle, model, index, groups.slice(i, bs), cfg).column("rewards").combine_chunks().flatten())
+    return lists
+
+
+def bare_loop(prep: str, reward_uri: str, cand: str, cfg, threads: int, rows: int | None = None) -> dict:
+    """The Scorer's per-batch work in this process: lists/s of the loop alone."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        bundle = load_bundle(storage.join(reward_uri, "model"), "bench reward")
-        model = bundle.require("reward").eval()
-        index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
-        groups = storage.read_table(storage.join(cand, "groups"), None, "bench groups")
+        bundle, model, index, groups = _load(prep, reward_uri, cand)
         groups = groups.slice(0, rows) if rows else groups
-        bs = cfg.train.batch_size
         t0 = time.perf_counter()
-        lists = 0
-        for i in range(0, groups.num_rows, bs):
-            out = score_batch(bundle, model, index, groups.slice(i, bs), cfg)
-            lists += len(out.column("rewards").combine_chunks().flatten())
+        lists = _score_all(bundle, model, index, groups, cfg)
         dt = time.perf_counter() - t0
     finally:
         torch.set_num_threads(before)
@@ -70,24 +80,15 @@ def _bare_worker(args: tuple, barrier, queue) -> None:
     """One process of `bare_processes`: load, wait for the others, time its share of the loop."""
     prep, reward_uri, cand, cfg_dict, part, parts = args
     from goalrank_core.config import GoalRankConfig
-    from tasks._data import load_bundle
-    from tasks._groups import RequestIndex
-    from tasks.score import score_batch
 
     torch.set_num_threads(1)
     cfg = GoalRankConfig.from_dict(cfg_dict)
-    bundle = load_bundle(storage.join(reward_uri, "model"), "bench reward")
-    model = bundle.require("reward").eval()
-    index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
-    groups = storage.read_table(storage.join(cand, "groups"), None, "bench groups")
+    bundle, model, index, groups = _load(prep, reward_uri, cand)
     share = -(-groups.num_rows // parts)
     groups = groups.slice(part * share, share)
-    bs = cfg.train.batch_size
     barrier.wait()
     t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes
-    lists = 0
-    for i in range(0, groups.num_rows, bs):
-        lists += len(score_batch(bundle, model, index, groups.slice(i, bs), cfg).column("rewards").combine_chunks().flatten())
+    lists = _score_all(bundle, model, index, groups, cfg)
     queue.put((lists, t0, time.perf_counter(), groups.num_rows))
 
 

@@ -23,11 +23,11 @@ _ENV_DEFAULTS = {
 # glibc malloc settings for Ray's worker processes (read once, when a process starts). By
 # default glibc serves blocks over 128 KiB (most activation tensors) with their own mmap and
 # unmaps them on free, so every batch page-faults its tensors in again; and Ray Data calls a
-# map UDF from a pool thread, whose separate arena gives pages back the same way. The score
-# loop then spends about a quarter of its time in the kernel (1.6M minor faults per 9 s), and
-# two workers on two cores contend there. One arena that keeps its pages: bench.bench_score
-# (quick, medians of 3) went from 15.4k to 17.3k lists/s with one actor and from 21.0k to
-# 26.6k with two (the variables set in the shell that started the benchmark).
+# map UDF from a pool thread, whose separate arena gives pages back the same way. A process
+# running the score loop twice (2 x 9.3 s) took 1.6M minor faults and 3.6 s of kernel time
+# (0.1M and 0.4 s with the settings), and two workers on two cores contend there. One arena
+# that keeps its pages: bench.bench_score (quick, medians of 3) went from 15.4k to 16.0k
+# lists/s with one actor and from 21.0k to 25.5k with two.
 # Peak RSS is the same high-water mark, but freed memory stays with the worker process.
 # GOALRANK_WORKER_MALLOC=0 turns it off; a MALLOC_* variable already set wins.
 WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
