@@ -3,12 +3,6 @@ a reward-model stage with an untrained model (throughput does not depend on the 
 and candidate groups of |B| random lists per training request written as a completed stage."""
 from __future__ import annotations
 
-import json
-import os
-import platform
-import time
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 
@@ -17,8 +11,6 @@ from goalrank_core.schemas import CANDIDATE_GROUPS
 from tasks import storage
 from tasks._data import load_bundle, save_bundle
 from tasks.stages import DataSource, prepare, stage_uri
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 MODES = {
     # requests: ~13.5k train requests on all 943 users; quick keeps 300 users (~4.3k).
@@ -29,14 +21,6 @@ MODES = {
 
 def config(mode: str, **extra) -> GoalRankConfig:
     return GoalRankConfig().override({**MODES[mode], **extra})
-
-
-def machine() -> dict:
-    import torch
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def prepared(root: str, cfg: GoalRankConfig) -> str:
@@ -100,13 +84,3 @@ def _random_lists(candidates: pa.Array, cfg: GoalRankConfig, rng: np.random.Gene
     inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(k)]).astype(np.int32)),
                                      pa.array(ids.reshape(r * g, ell)[np.arange(ell) < k[:, None]]))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, r * g + 1, g, dtype=np.int32)), inner, type=_GROUPS)
-
-
-def write_result(name: str, mode: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{mode}.json"
-    result = {"benchmark": name, "mode": mode, "machine": machine(),
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
-    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
-    print(json.dumps(result, indent=2, sort_keys=True, default=float))
-    return path

@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from bench._stages_common import config, prepared, random_groups, untrained_reward, write_result
+from bench._stages_common import config, prepared, random_groups, untrained_reward
+from bench.common import Recorder
 from tasks import storage
 from tasks.ray_runtime import ensure_ray
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--storage", default=None, help="artifact root (default: a temporary folder)")
     args = ap.parse_args()
+    rec = Recorder("bench_train_generator", args.mode)
     t_start = time.perf_counter()
     ensure_ray()
     cfg = config(args.mode)
@@ -96,7 +98,7 @@ def main() -> None:
                    "max_users": cfg.protocol.max_users, "fraction": FRACTION[args.mode]},
         "bench_wall_s": time.perf_counter() - t_start,
     }
-    write_result("bench_train_generator", args.mode, result)
+    rec.write(result)
 
 
 if __name__ == "__main__":
