@@ -28,14 +28,13 @@ POLICIES = ("supervised", "g-e", "goalrank")
 
 def oracle_pi_ref(train, lists: np.ndarray, mask: np.ndarray, tau: float, eps: float) -> np.ndarray:
     """(R, G, L) lists on the training requests -> (R, G) pi_ref of their logged DCG."""
-    from goalrank_core.group import reference_policy
+    from goalrank_core.group import dcg_weights, reference_policy
     from goalrank_core.trainer import log_labels
 
     batch = train.batch(slice(None))
     pos = torch.from_numpy(lists)
     labels = log_labels(batch, pos.clamp(min=0)).float() * (pos >= 0)  # (R, G, L)
-    dcg = 1.0 / torch.log2(torch.arange(lists.shape[-1], dtype=torch.float32) + 2)
-    return reference_policy((labels * dcg).sum(-1), torch.from_numpy(mask), tau, eps).numpy().astype(np.float32)
+    return reference_policy((labels * dcg_weights(lists.shape[-1])).sum(-1), torch.from_numpy(mask), tau, eps).numpy().astype(np.float32)
 
 
 def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:

@@ -20,6 +20,12 @@ import torch
 from goalrank_core.errors import GoalRankInputError
 
 
+def dcg_weights(length: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(L,) position weights 1 / log2(k + 2), k from 0: a list's value is sum_k w_k * p_k
+    (the reward model's list score, the logged DCG of a labelled list)."""
+    return 1.0 / torch.log2(torch.arange(length, device=device, dtype=dtype) + 2)
+
+
 class RewardError(GoalRankInputError):
     """A reward is NaN or infinite."""
 

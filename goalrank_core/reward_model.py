@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config import RewardConfig
+from goalrank_core.group import dcg_weights
 from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
 
 
@@ -34,7 +35,7 @@ class RewardModel(nn.Module):
         self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.register_buffer("dcg", 1.0 / torch.log2(torch.arange(slate_len, dtype=torch.float32) + 2), persistent=False)
+        self.register_buffer("dcg", dcg_weights(slate_len), persistent=False)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

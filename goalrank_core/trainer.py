@@ -20,7 +20,7 @@ from torch import nn
 
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
-from goalrank_core.group import group_relative_loss, normalise_rewards
+from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
 from goalrank_core.reward_model import masked_bce
 
 Log = Callable[[str], None]
@@ -105,7 +105,7 @@ def list_rank_loss(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tens
     -sum pi_label log pi_model. logits, lists, labels (B, G, L); a list with a -1 entry is left
     out; mean over requests with two lists of different DCG (0 if none). `eps` keeps the
     normalisation finite when the model scores a request's lists alike."""
-    dcg = 1.0 / torch.log2(torch.arange(lists.shape[-1], device=lists.device, dtype=logits.dtype) + 2)  # (L,)
+    dcg = dcg_weights(lists.shape[-1], lists.device, logits.dtype)  # (L,)
     full = (lists >= 0).all(-1)  # (B, G)
     filled = (lists >= 0).to(logits.dtype)
     score = (torch.sigmoid(logits) * filled * dcg).sum(-1)  # (B, G)

@@ -86,6 +86,19 @@ def masked_lists(values: np.ndarray, mask: np.ndarray, type_: pa.DataType) -> pa
                                     type=type_)
 
 
+def padded_values(values: Any, width: int, dtype: Any = np.float32) -> np.ndarray:
+    """A list<number> column of B rows (e.g. pi_ref) -> (B, width) array holding each row's
+    first `width` values, zero beyond: the inverse of `masked_lists`, from offsets, no loop."""
+    arr = _list_array(values, pa.list_(pa.float32()))
+    n = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)  # (T,) a sliced array's own values only
+    k = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # (T,) place in its row
+    keep = k < width
+    out = np.zeros((len(n), width), dtype=dtype)
+    out[np.repeat(np.arange(len(n)), n)[keep], k[keep]] = flat[keep]
+    return out
+
+
 def positions_to_rows(enc, lists: np.ndarray, mask: np.ndarray, values: dict[str, np.ndarray] | None = None) -> dict:
     """Positions (B, G, L) + mask (B, G) -> columns of raw-id lists, keeping masked lists only;
     `values` (B, G) arrays become per-request lists alongside."""

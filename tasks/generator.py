@@ -14,7 +14,7 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from tasks import storage
 from tasks._data import load_bundle
-from tasks._groups import RequestIndex, groups_to_positions
+from tasks._groups import RequestIndex, groups_to_positions, padded_values
 from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray
 from tasks.storage import StageResult, run_stage, stage_fingerprint
@@ -61,15 +61,11 @@ class GeneratorSpec(TrainSpec):
         return generator_group_loss(model, batch, lists, pi_ref, mask, supervised_weight)
 
     def batch_args(self, table: Any, device: Any, gen: torch.Generator) -> tuple:
-        import numpy as np
-
         from goalrank_core.fit import encode
 
-        enc = encode(self.bundle, self.requests.take(table.column("request_id").to_pylist()))
-        pos, mask = groups_to_positions(enc, table.column("lists").to_pylist(), self.width, "train_generator")
-        pi = np.zeros(mask.shape, dtype=np.float32)
-        for i, row in enumerate(table.column("pi_ref").to_pylist()):
-            pi[i, : len(row)] = row[: self.width]
+        enc = encode(self.bundle, self.requests.take(table.column("request_id")))
+        pos, mask = groups_to_positions(enc, table.column("lists"), self.width, "train_generator")  # (B, G, L), (B, G)
+        pi = padded_values(table.column("pi_ref"), self.width)  # (B, G)
         return (enc.batch(slice(None), device), torch.from_numpy(pos).to(device), torch.from_numpy(pi).to(device),
                 torch.from_numpy(mask).to(device), self.supervised_weight)
 

@@ -11,7 +11,7 @@ import torch
 from gr_helpers import synth_tables, tiny_config
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.schemas import CANDIDATE_GROUPS, IMPRESSIONS, SCORED_GROUPS
-from tasks._groups import RequestIndex, groups_to_positions, masked_lists
+from tasks._groups import RequestIndex, groups_to_positions, masked_lists, padded_values
 
 GROUPS = CANDIDATE_GROUPS.field("lists").type
 
@@ -89,6 +89,19 @@ def test_masked_lists_keeps_masked_values_in_order():
     assert arr.type == pa.list_(pa.float32())
     assert arr.to_pylist() == [values[i][mask[i]].tolist() for i in range(6)]
     assert masked_lists(values[:0], mask[:0], pa.list_(pa.float32())).to_pylist() == []
+
+
+def test_padded_values_inverts_masked_lists_and_cuts_rows_to_width():
+    rng = np.random.default_rng(1)
+    values = rng.random((5, 4)).astype(np.float32)
+    mask = np.arange(4) < np.array([4, 2, 0, 3, 1])[:, None]  # lists fill a group from the front
+    col = pa.chunked_array([masked_lists(values[:2], mask[:2], pa.list_(pa.float32())),
+                            masked_lists(values[2:], mask[2:], pa.list_(pa.float32()))])
+    np.testing.assert_array_equal(padded_values(col, 4), np.where(mask, values, 0))
+    np.testing.assert_array_equal(padded_values(col, 2), np.where(mask, values, 0)[:, :2])  # longer rows cut
+    sliced = masked_lists(values, mask, pa.list_(pa.float32())).slice(1, 3)  # offsets not starting at 0
+    np.testing.assert_array_equal(padded_values(sliced, 4), np.where(mask, values, 0)[1:4])
+    assert padded_values(pa.chunked_array([], pa.list_(pa.float32())), 3).shape == (0, 3)
 
 
 def test_request_index_takes_rows_in_order_and_names_a_missing_id(world):
