@@ -27,15 +27,25 @@ def _conform_batch(batch: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
     return conform(batch, schema, what)
 
 
+def in_order(ds: Any) -> Any:
+    """`ds` with its blocks kept in input order when it executes. By default Ray Data emits
+    blocks as tasks finish, so a stage's row order, and with it the next stage's batches,
+    varied with actor timing: two runs of the same flow scored one request 3e-8 apart and
+    trained different generators. In order, a flow's outputs are the same on every run."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str, stats: dict | None = None,
                   min_rows_per_file: int | None = None) -> int:
     """Validate every batch against `schema`, write Parquet parts to folder `uri` (replacing
-    what was there: Ray's default mode appends) and return the row count written. A `stats`
+    what was there: Ray's default mode appends) and return the row count written. Rows keep
+    their input order (`in_order`). A `stats`
     dict receives `operator_stats` of the run; `min_rows_per_file` joins small blocks into
     fewer parts (Ray writes one part per block otherwise)."""
     fs, path = storage.filesystem(uri)
-    checked = ds.map_batches(_conform_batch, fn_kwargs={"schema": schema, "what": what}, batch_format="pyarrow",
-                             batch_size=None, zero_copy_batch=True)
+    checked = in_order(ds.map_batches(_conform_batch, fn_kwargs={"schema": schema, "what": what},
+                                      batch_format="pyarrow", batch_size=None, zero_copy_batch=True))
     checked.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=min_rows_per_file)
     if stats is not None:
         stats.update(operator_stats(checked))

@@ -13,7 +13,7 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import METRICS, RANKED
 from tasks import storage
-from tasks._data import batch_seed, device, load_bundle, read_dataset
+from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset
 from tasks.candidates import pool_size
 from tasks.ray_runtime import actor_pool, ensure_ray
 from tasks.storage import StageResult, run_stage
@@ -93,7 +93,7 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         ranked = ds.map_batches(Ranker, fn_constructor_args=args, batch_size=config.train.batch_size,
                                 batch_format="pyarrow", compute=compute, **res)
-        long = pa.concat_tables(ray.get(ranked.to_arrow_refs()))
+        long = pa.concat_tables(ray.get(in_order(ranked).to_arrow_refs()))
         for split in EVAL_SPLITS:
             in_split = long.filter(pc.equal(long.column("split"), split))
             for name in sorted(set(in_split.column("policy").to_pylist())):
