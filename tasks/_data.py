@@ -31,7 +31,7 @@ def in_order(ds: Any) -> Any:
     """`ds` with its blocks kept in input order when it executes. By default Ray Data emits
     blocks as tasks finish, so a stage's row order, and with it the next stage's batches,
     varied with actor timing: two runs of the same flow scored one request 3e-8 apart and
-    trained different generators. In order, a flow's outputs are the same on every run."""
+    trained different generators."""
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -39,17 +39,66 @@ def in_order(ds: Any) -> Any:
 def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str, stats: dict | None = None,
                   min_rows_per_file: int | None = None) -> int:
     """Validate every batch against `schema`, write Parquet parts to folder `uri` (replacing
-    what was there: Ray's default mode appends) and return the row count written. Rows keep
-    their input order (`in_order`). A `stats`
-    dict receives `operator_stats` of the run; `min_rows_per_file` joins small blocks into
-    fewer parts (Ray writes one part per block otherwise)."""
-    fs, path = storage.filesystem(uri)
+    what was there) and return the row count written. Rows keep their input order: blocks
+    in order (`in_order`), and within a part through `ordered_parquet_sink`, since Ray's own
+    Parquet writer hands a task's blocks to pyarrow's threaded dataset writer, which
+    reorders them. A `stats` dict receives `operator_stats` of the run; `min_rows_per_file`
+    joins small blocks into fewer parts (one part per block otherwise)."""
     checked = in_order(ds.map_batches(_conform_batch, fn_kwargs={"schema": schema, "what": what},
                                       batch_format="pyarrow", batch_size=None, zero_copy_batch=True))
-    checked.write_parquet(path, filesystem=fs, mode="overwrite", min_rows_per_file=min_rows_per_file)
+    checked.write_datasink(ordered_parquet_sink(uri, schema, min_rows_per_file))
     if stats is not None:
         stats.update(operator_stats(checked))
     return count_rows(uri)
+
+
+def ordered_parquet_sink(uri: str, schema: pa.Schema, min_rows_per_file: int | None = None) -> Any:
+    """A Ray Data Datasink writing each write task's blocks, in the order they come, to one
+    Parquet file `part-{task index:06d}-{write id}.parquet` under folder `uri` (names sort
+    in task order, as readers list them), through `tasks.storage.filesystem` (local or S3).
+    The folder is emptied when the write starts."""
+    import uuid
+
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class OrderedParquetDatasink(Datasink):
+        def __init__(self) -> None:
+            self.write_id = uuid.uuid4().hex[:12]
+
+        def on_write_start(self, schema_seen: pa.Schema | None = None) -> None:
+            fs, path = storage.filesystem(uri)
+            fs.create_dir(path, recursive=True)
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+
+        def write(self, blocks: Any, ctx: Any) -> int:
+            import pyarrow.parquet as pq
+
+            fs, path = storage.filesystem(uri)
+            rows, writer, sink = 0, None, None
+            try:
+                for block in blocks:
+                    table = BlockAccessor.for_block(block).to_arrow()
+                    if not table.num_rows:
+                        continue
+                    if writer is None:
+                        fs.create_dir(path, recursive=True)  # local storage: this node may not have it
+                        sink = fs.open_output_stream(f"{path}/part-{ctx.task_idx:06d}-{self.write_id}.parquet")
+                        writer = pq.ParquetWriter(sink, schema)
+                    writer.write_table(table.select(schema.names).cast(schema))
+                    rows += table.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
+                if sink is not None:
+                    sink.close()
+            return rows
+
+        @property
+        def min_rows_per_write(self) -> int | None:
+            return min_rows_per_file
+
+    return OrderedParquetDatasink()
 
 
 def operator_stats(ds: Any) -> dict[str, dict]:
