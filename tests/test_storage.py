@@ -222,3 +222,15 @@ def test_write_dataset_keeps_input_order_across_actors_and_in_each_part(ray_sess
     fs, path = storage.filesystem(uri)
     parts = [pq.read_table(f"{path}/{f}", filesystem=fs) for f in files]  # in name order, as readers list them
     assert pa.concat_tables(parts).column("x").to_pylist() == list(range(6000))
+
+
+@pytest.mark.ray
+def test_in_order_follows_goalrank_data_ordered(ray_session, monkeypatch):
+    import ray.data
+
+    from tasks._data import in_order
+
+    monkeypatch.delenv("GOALRANK_DATA_ORDERED", raising=False)
+    assert in_order(ray.data.range(3)).context.execution_options.preserve_order is True
+    monkeypatch.setenv("GOALRANK_DATA_ORDERED", "0")
+    assert in_order(ray.data.range(3)).context.execution_options.preserve_order is False
