@@ -37,7 +37,7 @@ def in_order(ds: Any) -> Any:
     blocks as tasks finish, so a stage's row order, and with it the next stage's batches,
     varied with actor timing: two runs of the same flow scored one request 3e-8 apart and
     trained different generators. The price: a finished block waits for the ones before it
-    (bench.bench_score full, 2 actors: 1.72x one actor unordered, about 1.6x ordered);
+    (bench.bench_score full, 2 actors: 1.72x one actor unordered, 1.57x ordered);
     GOALRANK_DATA_ORDERED=0 pays it back and gives up identical runs."""
     ds.context.execution_options.preserve_order = ordered()
     return ds
