@@ -21,8 +21,10 @@ in full mode the bare loop with every thread, and the machine's own ceiling for 
 the bare loop in 2 plain processes at once, each over half the groups.
 
 The bare loop and the stage with 1 and with 2 actors each run `--trials` times (default 3),
-interleaved (bare, 1, 2, bare, 1, 2, ...) so that a change in the machine's load falls on
-all; the ratios compare the median runs, and every trial's lists/s is kept in the result.
+interleaved (bare, 1, 2, 2 unordered, bare, ...) so that a change in the machine's load falls
+on all; the ratios compare the median runs, and every trial's lists/s is kept in the result.
+"2 unordered" is the 2-actor stage with GOALRANK_DATA_ORDERED=0: what keeping rows in input
+order (identical runs, the default) costs.
 
     python -m bench.bench_score --mode quick|full [--trials 3]
 """
@@ -133,16 +135,21 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def stage_run(prep: str, reward_uri: str, cand: str, cfg, root: str, actors: int, lists_per_group: float,
-              trial: int = 0) -> dict:
+              trial: int = 0, ordered: bool = True) -> dict:
     from tasks.stages import score
 
     os.environ["GOALRANK_DATA_ACTORS"] = str(actors)
+    os.environ["GOALRANK_DATA_ORDERED"] = "1" if ordered else "0"
     t0 = time.perf_counter()
-    res = score(cand, prep, reward_uri, storage.join(root, f"score-a{actors}-t{trial}"), cfg)
+    try:
+        res = score(cand, prep, reward_uri, storage.join(root, f"score-a{actors}{'' if ordered else 'u'}-t{trial}"), cfg)
+    finally:
+        os.environ.pop("GOALRANK_DATA_ORDERED", None)
     dt = time.perf_counter() - t0
     timing = res.manifest.get("actor_timing") or {}
     lists = res.manifest["tables"]["groups"]["rows"] * lists_per_group
-    out = {"seconds": dt, "lists": lists, "lists_per_s": lists / dt, "actors": actors, "actor_timing": timing}
+    out = {"seconds": dt, "lists": lists, "lists_per_s": lists / dt, "actors": actors, "ordered": ordered,
+           "actor_timing": timing}
     if timing.get("busy_s"):
         out["steady_lists_per_s"] = lists / timing["busy_s"]
         out["startup_s"] = timing.get("first_batch_at_s")
@@ -176,24 +183,29 @@ def main() -> None:
         bare_all = bare_loop(prep, reward_uri, cand, cfg, threads=os.cpu_count() or 1,
                              rows=first["groups"] // repeat) if args.mode == "full" else None
         bare2 = bare_processes(prep, reward_uri, cand, cfg, 2)
-        # Interleaved trials (bare, 1 actor, 2 actors, bare, ...) so that drift in the machine's
-        # load falls on all three; the ratios compare medians (one bare run varied by 10 %).
-        # Each stage trial is a fresh stage (its own output folder).
-        runs: dict[int, list[dict]] = {0: [first], 1: [], 2: []}  # 0: the bare loop
+        # Interleaved trials (bare, 1 actor, 2 actors, 2 actors unordered, bare, ...) so that
+        # drift in the machine's load falls on all; the ratios compare medians (one bare run
+        # varied by 10 %). Each stage trial is a fresh stage (its own output folder). The
+        # unordered run (GOALRANK_DATA_ORDERED=0) prices the default's identical-runs guarantee.
+        runs: dict[str, list[dict]] = {"bare": [first], "1": [], "2": [], "2u": []}
         for t in range(trials):
             if t:
-                runs[0].append(bare_processes(prep, reward_uri, cand, cfg, 1))
-            for actors in (1, 2):
-                runs[actors].append(stage_run(prep, reward_uri, cand, cfg, root, actors, per_group, trial=t))
-    bare1 = _median_run(runs[0])
-    one, two = _median_run(runs[1]), _median_run(runs[2])
+                runs["bare"].append(bare_processes(prep, reward_uri, cand, cfg, 1))
+            for key, actors, ordered in (("1", 1, True), ("2", 2, True), ("2u", 2, False)):
+                runs[key].append(stage_run(prep, reward_uri, cand, cfg, root, actors, per_group, trial=t,
+                                           ordered=ordered))
+    bare1 = _median_run(runs["bare"])
+    one, two, two_u = _median_run(runs["1"]), _median_run(runs["2"]), _median_run(runs["2u"])
     result = {
-        "bare_1_thread": bare1, "bare_all_threads": bare_all, "bare_2_processes": bare2, "ray_1_actor": one, "ray_2_actors": two,
+        "bare_1_thread": bare1, "bare_all_threads": bare_all, "bare_2_processes": bare2, "ray_1_actor": one,
+        "ray_2_actors": two, "ray_2_actors_unordered": two_u,
         "compared": "end-to-end stage lists/s (call to manifest) against the bare loop's lists/s",
         "ratio_1_actor_vs_bare": one["lists_per_s"] / bare1["lists_per_s"],
         "ratio_2_vs_1_actor": two["lists_per_s"] / one["lists_per_s"],
         # The machine's own ceiling for the second target: 2 plain processes against 1.
         "ratio_bare_2_vs_1_process": bare2["lists_per_s"] / bare1["lists_per_s"],
+        # What keeping rows in input order costs (1.0: nothing): 2 actors unordered / ordered.
+        "ratio_2_actors_unordered_vs_ordered": two_u["lists_per_s"] / two["lists_per_s"],
         "targets": {"ratio_1_actor_vs_bare": 0.8, "ratio_2_vs_1_actor": 1.6},
         "config": {"group.size": cfg.group.size, "batch_size": cfg.train.batch_size,
                    "max_users": cfg.protocol.max_users, "repeat": repeat, "groups": bare1["groups"],
@@ -222,12 +234,16 @@ def summary_tables(r: dict) -> list[dict]:
     c = r["config"]
     runs = [x for x in (row("bare loop, 1 process (median)", r["bare_1_thread"]), row("bare loop, 2 processes", r["bare_2_processes"]),
                         row(f"bare loop, {(r['bare_all_threads'] or {}).get('threads')} threads (1 copy)", r["bare_all_threads"]),
-                        row("stage, 1 actor (median)", r["ray_1_actor"]), row("stage, 2 actors (median)", r["ray_2_actors"]))
+                        row("stage, 1 actor (median)", r["ray_1_actor"]), row("stage, 2 actors (median)", r["ray_2_actors"]),
+                        row("stage, 2 actors, GOALRANK_DATA_ORDERED=0 (median)", r.get("ray_2_actors_unordered")))
             if x]
     ratios = [[k, round(r[k], 3), round(r[f"steady_{k}"], 3) if r.get(f"steady_{k}") else None, v,
                "yes" if r["met"][k] else "no"] for k, v in r["targets"].items()]
     ratios.append(["ratio_bare_2_vs_1_process (the machine's ceiling)", round(r["ratio_bare_2_vs_1_process"], 3), None,
                    None, None])
+    if r.get("ratio_2_actors_unordered_vs_ordered"):
+        ratios.append(["ratio_2_actors_unordered_vs_ordered (the price of identical runs)",
+                       round(r["ratio_2_actors_unordered_vs_ordered"], 3), None, None, None])
     return [
         table(f"score throughput: {c['groups']:,} groups, {c['lists']:,} lists (ML-100K, {c['max_users'] or 'all'} users, "
               f"training requests x {c['repeat']}), batches of {c['batch_size']} groups",

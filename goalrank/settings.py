@@ -119,7 +119,7 @@ TUNING_ENV_VARS: dict[str, str] = {
     "GOALRANK_POLICY_TASK_CPUS": "CPUs of the policy-training task (default 1)",
     "GOALRANK_TRAIN_MAX_FAILURES": "Ray Train FailureConfig.max_failures (default 1)",
     "GOALRANK_USE_GPU": "0 keeps everything on CPU even where a GPU exists",
-    "GOALRANK_DATA_ORDERED": "0 lets Ray Data stages write rows in the order batches finish: faster with 2 actors, but runs are no longer identical (default on)",
+    "GOALRANK_DATA_ORDERED": "0 lets Ray Data stages write rows in the order batches finish; runs are then no longer identical (default on)",
     "GOALRANK_WORKER_MALLOC": "0 starts Ray's workers without the glibc malloc settings of tasks/ray_runtime.py (default on)",
     "GOALRANK_S3_MAX_ATTEMPTS": "attempts of each S3 request inside the client before a stage fails (default 6)",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "a local Ray binds to 127.0.0.1 only unless this is 1 (default 0)",

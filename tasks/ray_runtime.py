@@ -34,9 +34,27 @@ WORKER_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 <<
                      "MALLOC_TRIM_THRESHOLD_": str(1 << 32), "MALLOC_TOP_PAD_": str(1 << 28)}
 
 
+_FALSE, _TRUE = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch read from environment variable `name` (the GOALRANK_* tuning
+    variables): unset or empty gives `default`; 0/false/no/off and 1/true/yes/on, in any case;
+    anything else is refused, so that a typo does not silently keep the default."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _FALSE or raw in _TRUE:
+        return raw in _TRUE
+    from goalrank_core.errors import ConfigError
+
+    raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an on/off switch; "
+                      f"use one of {', '.join(_TRUE + _FALSE)}")
+
+
 def worker_env() -> dict[str, str]:
     """Environment variables every Ray worker process of this job starts with."""
-    if os.environ.get("GOALRANK_WORKER_MALLOC", "1").strip().lower() in ("0", "false", "no"):
+    if not env_flag("GOALRANK_WORKER_MALLOC", True):
         return {}
     return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
@@ -104,7 +122,7 @@ def actor_cpus() -> float:
 
 def use_gpu() -> bool:
     """Workers use a GPU when the cluster has one (GOALRANK_USE_GPU=0 turns it off)."""
-    if os.environ.get("GOALRANK_USE_GPU", "").strip() == "0":
+    if not env_flag("GOALRANK_USE_GPU", True):
         return False
     import ray
 

@@ -103,6 +103,25 @@ def ray_session(s3_server):
     subprocess.run(["rm", "-rf", tmp], check=False)
 
 
+@pytest.fixture(autouse=True)
+def _prefect_console_follows_capture():
+    """Prefect's console handler is built with the sys.stderr of the moment its logging is set
+    up, which inside pytest is one test's capture stream, closed when that test ends. A later
+    test's flow logging then wrote to a closed file, and with `log_prints` the error report
+    went through print again (RecursionError). Point the handlers at this test's stream."""
+    import logging
+
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None:
+        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]
+        for h in {h for lg in loggers for h in lg.handlers if isinstance(h, handlers.PrefectConsoleHandler)}:
+            with h.lock:  # not setStream(): that flushes the old, closed stream
+                h.stream = sys.stderr
+            h.console.file = sys.stderr
+    yield
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server (and database) for the session, under a temp PREFECT_HOME;

@@ -149,3 +149,30 @@ def test_oracle_pi_ref_follows_the_logged_dcg_of_each_list():
     mask = np.array([[True, True, True, False]])
     pi = oracle_pi_ref(train, lists, mask, tau=1.0, eps=1e-6)[0]
     assert pi[0] > pi[1] > pi[2] > 0 and pi[3] == 0 and pi.sum() == pytest.approx(1.0)
+
+
+def test_bench_score_summary_tables_show_every_run_and_the_ordering_price():
+    """bench_score's tables: medians with their trials, the targets, and the unordered run's
+    ratio to the default (ordered) 2-actor run."""
+    from bench.bench_score import summary_tables
+
+    def run(lps, trials=None, steady=None):
+        return {"lists_per_s": lps, "seconds": 10.0, "startup_s": 5.0 if steady else None,
+                "steady_lists_per_s": steady, "trials_lists_per_s": trials}
+
+    r = {"bare_1_thread": run(20000.0, [20000.0, 21000.0, 19000.0]), "bare_all_threads": None,
+         "bare_2_processes": run(38000.0), "ray_1_actor": run(19000.0, [19000.0], 20000.0),
+         "ray_2_actors": run(32000.0, [32000.0], 34000.0), "ray_2_actors_unordered": run(32640.0, [32640.0], 34500.0),
+         "ratio_1_actor_vs_bare": 0.95, "ratio_2_vs_1_actor": 32000 / 19000, "ratio_bare_2_vs_1_process": 1.9,
+         "ratio_2_actors_unordered_vs_ordered": 1.02, "steady_ratio_1_actor_vs_bare": 1.0,
+         "steady_ratio_2_vs_1_actor": 1.7, "targets": {"ratio_1_actor_vs_bare": 0.8, "ratio_2_vs_1_actor": 1.6},
+         "met": {"ratio_1_actor_vs_bare": True, "ratio_2_vs_1_actor": True},
+         "config": {"groups": 1000, "lists": 20000, "max_users": None, "repeat": 11, "batch_size": 256}}
+    runs, ratios = summary_tables(r)
+    names = [row[0] for row in runs["rows"]]
+    assert names == ["bare loop, 1 process (median)", "bare loop, 2 processes", "stage, 1 actor (median)",
+                     "stage, 2 actors (median)", "stage, 2 actors, GOALRANK_DATA_ORDERED=0 (median)"]
+    assert runs["rows"][0][-1] == "20.0k / 21.0k / 19.0k"
+    assert ratios["rows"][1] == ["ratio_2_vs_1_actor", 1.684, 1.7, 1.6, "yes"]
+    assert ratios["rows"][-1] == ["ratio_2_actors_unordered_vs_ordered (the price of identical runs)", 1.02, None, None,
+                                  None]

@@ -205,3 +205,19 @@ def test_prepare_stage_on_bad_input_writes_nothing(ray_session, tmp_path, case):
 def test_impressions_schema_is_the_contract():
     # The corpus is built against this contract; a change to it should revisit the corpus.
     assert IMPRESSIONS.names == ["request_id", "user_id", "timestamp", "history", "candidates", "shown", "labels"]
+
+
+def test_run_with_a_missing_data_set_fails_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """`run --dataset` whose files are not in the data dir: exit 2 and one line saying where
+    it looked, from the preflight (no Prefect database, storage or MLflow store written)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "data").mkdir()
+    before = _files(tmp_path)
+    assert main(["run", "--dataset", "ml-100k", "--data-dir", str(tmp_path / "data"), "--storage",
+                 str(tmp_path / "storage"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    line = _one_line(capsys.readouterr().err, "run")
+    assert "data set 'ml-100k' not found" in line and str(tmp_path / "data") in line, line
+    assert _files(tmp_path) == before

@@ -199,6 +199,28 @@ def test_worker_env_sets_malloc_unless_turned_off_or_already_set(monkeypatch):
     assert worker_env() == {}
 
 
+@pytest.mark.parametrize("raw,default,want", [(None, True, True), ("", False, False), (" 0 ", True, False),
+                                               ("No", True, False), ("off", True, False), ("TRUE", False, True),
+                                               ("1", False, True), ("on", False, True)])
+def test_env_flag_reads_on_off_switches(monkeypatch, raw, default, want):
+    from tasks.ray_runtime import env_flag
+
+    if raw is None:
+        monkeypatch.delenv("GOALRANK_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("GOALRANK_TEST_SWITCH", raw)
+    assert env_flag("GOALRANK_TEST_SWITCH", default) is want
+
+
+def test_env_flag_refuses_a_value_that_is_not_a_switch(monkeypatch):
+    from goalrank_core.errors import ConfigError
+    from tasks._data import ordered
+
+    monkeypatch.setenv("GOALRANK_DATA_ORDERED", "sometimes")
+    with pytest.raises(ConfigError, match=r"GOALRANK_DATA_ORDERED='sometimes' is not an on/off switch"):
+        ordered()
+
+
 @pytest.mark.ray
 def test_ray_workers_start_with_the_worker_env(ray_session):
     """glibc reads MALLOC_* once, when a process starts: the variables must be in the worker

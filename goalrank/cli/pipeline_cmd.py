@@ -150,12 +150,18 @@ def _workspace() -> Path:
     return Path.cwd() / ".goalrank"
 
 
-def preflight_inputs(args: argparse.Namespace) -> None:
+def preflight_inputs(args: argparse.Namespace, data_dir: str | None = None) -> None:
     """Validate local impressions (and items) before Prefect, Ray or MLflow start, so bad
-    input fails in a second with one line and nothing written. Inputs on S3 are validated by
-    the prepare stage on the Ray workers instead (it writes nothing before they pass)."""
+    input fails in a second with one line and nothing written; likewise a named data set
+    missing from `data_dir` (the resolved setting) when Ray is local, i.e. reads the same
+    disk. Inputs on S3, and data sets on a Ray cluster's nodes, are checked by the prepare
+    stage on the Ray workers instead (it writes nothing before they pass)."""
     from goalrank_core.validate import read_impressions, read_items
 
+    if getattr(args, "dataset", None) and not os.environ.get("RAY_ADDRESS"):
+        from goalrank_core.datasets.registry import dataset_dir
+
+        dataset_dir(args.dataset, data_dir)
     if args.impressions and "://" not in args.impressions:
         read_impressions(args.impressions)
     if getattr(args, "items", None) and "://" not in args.items:
@@ -164,7 +170,7 @@ def preflight_inputs(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = flow_parameters(args)
-    preflight_inputs(args)
+    preflight_inputs(args, params.get("data_dir"))
     _use_local_prefect(_workspace())
     from flows.daily import goalrank_daily
 
