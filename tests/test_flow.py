@@ -39,13 +39,21 @@ def _run(world, run_id, margin=0.0, **extra_overrides):
         overrides={**TINY_OVERRIDES, **extra_overrides}, promotion_margin=margin)
 
 
-def test_flow_registers_promotes_and_reruns_without_duplicates(world):
+@pytest.fixture(scope="module")
+def day_one(world):
+    """The module store's first run: registers version 1 and makes it champion. A fixture, so
+    that the slow test below has its champion also when run alone (`make test-slow` deselects
+    the test that used to make it)."""
+    return _run(world, "day-1")
+
+
+def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
     from mlflow import MlflowClient
 
     client = MlflowClient(world["tracking_uri"])
     from flows.daily import format_summary
 
-    first = _run(world, "day-1")
+    first = day_one
     assert first["registered_version"] == "1" and first["newly_registered"]
     assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
     assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == "1"
@@ -79,10 +87,11 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world):
 
 
 @pytest.mark.slow  # a second full training run (~2-3 min on 2 cores)
-def test_champion_moves_only_when_no_worse(world):
+def test_champion_moves_only_when_no_worse(world, day_one):
     from mlflow import MlflowClient
 
     client = MlflowClient(world["tracking_uri"])
+    assert day_one["decision"]["promoted"]
     champ_before = client.get_model_version_by_alias(world["model_name"], "champion").version
     # A margin no model can reach (NDCG <= 1): the new version is registered, champion stays.
     worse = _run(world, "day-2", margin=1.0, **{"train.seed": 1})
