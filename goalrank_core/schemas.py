@@ -25,6 +25,39 @@ IMPRESSIONS = pa.schema(
     ]
 )
 
+# Optional impressions columns: validated when present (goalrank_core.validate) and carried
+# through the splits; any other column is ignored with a notice. `labels_<name>` columns are
+# further feedback types, each (L,) float32 like `labels` (for example labels_like, labels_watch).
+LABELS_PREFIX = "labels_"
+LABEL_LIST = pa.list_(pa.float32())
+IMPRESSIONS_OPTIONAL = pa.schema(
+    [
+        pa.field("propensity", pa.float64(), nullable=False),  # logging policy's P(this whole shown list), (0, 1]
+        pa.field("log_propensity", pa.float64(), nullable=False),  # or its natural log, <= 0 (not both)
+        # (L,) P(logging policy puts shown[j] at position j), (0, 1]: the pseudo-inverse estimator's input
+        pa.field("position_propensities", pa.list_(pa.float64()), nullable=False),
+    ]
+)
+
+
+def is_extra_label(name: str) -> bool:
+    """A `labels_<name>` feedback column (a non-empty name after the prefix)."""
+    return name.startswith(LABELS_PREFIX) and len(name) > len(LABELS_PREFIX)
+
+
+def impressions_schema(names: list[str]) -> pa.Schema:
+    """IMPRESSIONS plus the optional columns among `names`, in the order of `names`."""
+    extra = [pa.field(n, LABEL_LIST, nullable=False) if is_extra_label(n) else IMPRESSIONS_OPTIONAL.field(n)
+             for n in names if is_extra_label(n) or n in IMPRESSIONS_OPTIONAL.names]
+    return pa.schema(list(IMPRESSIONS) + extra)
+
+
+def unknown_impression_columns(names: list[str]) -> list[str]:
+    """Columns of `names` that are neither in IMPRESSIONS nor optional: read and ignored."""
+    known = set(impressions_schema(names).names)
+    return [n for n in names if n not in known]
+
+
 # Requests to rank: the impressions without feedback.
 REQUESTS = pa.schema([f for f in IMPRESSIONS if f.name not in ("shown", "labels")])
 

@@ -12,9 +12,13 @@ Decisions (docs/protocol.md repeats them):
   and may be of any length (encoders keep the most recent `history_len`).
 - Request ids must be unique and non-empty; any unicode string is fine.
 - Users and items never seen in training are valid input (cold start).
+- Optional columns (schemas.IMPRESSIONS_OPTIONAL, `labels_<name>`) are checked like the rest
+  when present and kept; any other column is dropped with one logged line naming it, so a
+  logger's extra fields neither fail the file nor vanish unannounced.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,8 +28,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from goalrank_core.errors import DataValidationError
-from goalrank_core.schemas import IMPRESSIONS, ITEMS, RANKED, REQUESTS, SchemaError, conform
+from goalrank_core.schemas import (
+    IMPRESSIONS,
+    ITEMS,
+    RANKED,
+    REQUESTS,
+    SchemaError,
+    conform,
+    impressions_schema,
+    is_extra_label,
+    unknown_impression_columns,
+)
 
+log = logging.getLogger("goalrank")
+_FLOAT_NAMES = {pa.float32(): "float32", pa.float64(): "float64"}
 _INT64_MAX = np.iinfo(np.int64).max
 _ID_LISTS = ("history", "candidates", "shown")
 
@@ -72,11 +88,20 @@ def _read(path: str | os.PathLike) -> tuple[pa.Table, str]:
     return parts[0], source
 
 
+def _note_ignored(source: str, names: list[str]) -> None:
+    """One line naming the columns a reader ignores (never a silent drop)."""
+    if names:
+        log.warning("%s: ignoring column(s) %s: not in the impressions contract (docs/protocol.md), so not used "
+                    "and not carried into any split or file written from this input", source, names)
+
+
 def read_impressions(path: str | os.PathLike, require_feedback: bool = True) -> pa.Table:
-    """Read and validate an impressions file or folder -> table conforming to IMPRESSIONS.
-    With require_feedback=False a file without `shown`/`labels` is accepted and returned as
-    a REQUESTS table (one with them is still fully validated)."""
+    """Read and validate an impressions file or folder -> table conforming to IMPRESSIONS plus
+    the optional columns it holds (schemas.impressions_schema); other columns are dropped with
+    a logged line. With require_feedback=False a file without `shown`/`labels` is accepted and
+    returned as a REQUESTS table (one with them is still fully validated)."""
     table, source = _read(path)
+    _note_ignored(source, unknown_impression_columns(table.column_names))
     if not require_feedback and "shown" not in table.column_names and "labels" not in table.column_names:
         return validate_requests(table, source)
     return validate_impressions(table, source)
@@ -84,10 +109,10 @@ def read_impressions(path: str | os.PathLike, require_feedback: bool = True) -> 
 
 def read_requests(path: str | os.PathLike) -> pa.Table:
     """Read and validate requests -> REQUESTS table. An impressions file is accepted: its
-    `shown` and `labels` are dropped unread."""
+    feedback and optional columns are dropped unread, any other column with a logged line."""
     table, source = _read(path)
-    drop = [c for c in ("shown", "labels") if c in table.column_names]
-    return validate_requests(table.drop_columns(drop), source)
+    _note_ignored(source, unknown_impression_columns(table.column_names))
+    return validate_requests(table, source)
 
 
 def read_items(path: str | os.PathLike) -> pa.Table:
@@ -145,15 +170,23 @@ def _normalise(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
             inner = field.type.value_type if is_list else field.type
             if inner == pa.int64():
                 col = _int_column(col, source, name, table.num_rows, is_list)
-            elif name == "labels" and listy:
-                vt = col.type.value_type
-                if not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
-                    raise DataValidationError(f"{source}: column 'labels' has type {col.type}, expected list<float32>")
-                if pa.types.is_floating(vt):
-                    _check_finite(col, source)  # before a float64 -> float32 cast could overflow to inf
-                col = col.cast(pa.list_(pa.float32()))
+            elif pa.types.is_floating(inner):
+                col = _float_column(col, source, name, field.type)
         cols[name] = col
     return pa.table(cols)
+
+
+def _float_column(col: pa.ChunkedArray, source: str, name: str, target: pa.DataType) -> pa.ChunkedArray:
+    """Any float or integer (list) column -> `target`; labels are checked for finiteness first,
+    as a float64 -> float32 cast could overflow to inf."""
+    listy = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    vt = col.type.value_type if listy else col.type
+    if listy != pa.types.is_list(target) or not (pa.types.is_floating(vt) or pa.types.is_integer(vt)):
+        want = f"list<{_FLOAT_NAMES[target.value_type]}>" if pa.types.is_list(target) else _FLOAT_NAMES[target]
+        raise DataValidationError(f"{source}: column '{name}' has type {col.type}, expected {want}")
+    if listy and target.value_type == pa.float32() and pa.types.is_floating(vt):
+        _check_labels(col, source, name)
+    return col.cast(target)
 
 
 # ---------------------------------------------------------------- checks
@@ -191,18 +224,61 @@ def _sorted_pair_keys(parents: np.ndarray, values: np.ndarray, lengths: np.ndarr
     return np.sort(_pair_keys(parents, values, universe))
 
 
-def _check_finite(col: pa.ChunkedArray, source: str) -> None:
+def _float_values(col: pa.ChunkedArray, source: str, name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A float list column -> ((E,) float64 values, (E,) parent rows); NaN and inf are errors."""
     values, parents, _ = _flat(col)
     if values.null_count:
-        raise _err(source, "labels", int(parents[_first_true(values.is_null().to_numpy(zero_copy_only=False))]), "null label")
+        raise _err(source, name, int(parents[_first_true(values.is_null().to_numpy(zero_copy_only=False))]), f"null {what}")
     v = values.to_numpy(zero_copy_only=False).astype(np.float64)
     bad = ~np.isfinite(v)
     if bad.any():
         j = _first_true(bad)
-        raise _err(source, "labels", int(parents[j]), f"label {v[j]} is not finite (NaN or inf)")
+        raise _err(source, name, int(parents[j]), f"{what} {v[j]} is not finite (NaN or inf)")
+    return v, parents
+
+
+def _check_labels(col: pa.ChunkedArray, source: str, name: str = "labels") -> None:
+    v, parents = _float_values(col, source, name, "label")
     if (v < 0).any():
         j = _first_true(v < 0)
-        raise _err(source, "labels", int(parents[j]), f"label {v[j]} is negative (labels are feedback >= 0)")
+        raise _err(source, name, int(parents[j]), f"label {v[j]} is negative (labels are feedback >= 0)")
+
+
+def _check_probabilities(v: np.ndarray, rows: np.ndarray, source: str, name: str) -> None:
+    """(E,) float64 values that must lie in (0, 1] (NaN fails both comparisons)."""
+    bad = ~((v > 0) & (v <= 1))
+    if bad.any():
+        j = _first_true(bad)
+        raise _err(source, name, int(rows[j]), f"{v[j]} is not a probability in (0, 1]")
+
+
+def _check_optional(table: pa.Table, source: str, n_shown: np.ndarray) -> None:
+    """The optional columns present: per-position lists as long as `shown` ((R,) lengths),
+    probabilities in (0, 1], log-probabilities finite and <= 0."""
+    names = table.column_names
+    if "propensity" in names and "log_propensity" in names:
+        raise DataValidationError(f"{source}: columns 'propensity' and 'log_propensity' both given; keep one")
+    for name in names:
+        if not (is_extra_label(name) or name == "position_propensities"):
+            continue
+        n = np.asarray(pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False), np.int64)
+        if (n != n_shown).any():
+            r = _first_true(n != n_shown)
+            raise _err(source, name, r, f"{n[r]} values for {n_shown[r]} shown items (lengths must match)")
+        if is_extra_label(name):
+            _check_labels(table.column(name), source, name)
+        else:
+            v, parents = _float_values(table.column(name), source, name, "propensity")
+            _check_probabilities(v, parents, source, name)
+    rows = np.arange(table.num_rows)
+    if "propensity" in names:
+        _check_probabilities(table.column("propensity").to_numpy(), rows, source, "propensity")
+    if "log_propensity" in names:
+        v = table.column("log_propensity").to_numpy()
+        bad = ~(np.isfinite(v) & (v <= 0))
+        if bad.any():
+            j = _first_true(bad)
+            raise _err(source, "log_propensity", j, f"{v[j]} is not a finite log-probability <= 0")
 
 
 def _check_id_list(col: pa.ChunkedArray, source: str, name: str, unique: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,15 +319,18 @@ def _check_common(table: pa.Table, source: str) -> None:
 
 
 def validate_requests(table: pa.Table, source: str) -> pa.Table:
-    """Validate a requests table (no feedback) and return it conformed to REQUESTS."""
-    table = _conform(table, REQUESTS, source)
+    """Validate a requests table and return it conformed to REQUESTS (other columns dropped:
+    the file readers name the unknown ones)."""
+    table = _conform(table.select([n for n in table.column_names if n in REQUESTS.names]), REQUESTS, source)
     _check_common(table, source)
     return table
 
 
 def validate_impressions(table: pa.Table, source: str) -> pa.Table:
-    """Validate an impressions table and return it conformed to IMPRESSIONS."""
-    table = _conform(table, IMPRESSIONS, source)
+    """Validate an impressions table and return it conformed to IMPRESSIONS plus the optional
+    columns it holds; unknown columns are dropped (the file readers name them)."""
+    schema = impressions_schema(table.column_names)
+    table = _conform(table.select([n for n in table.column_names if n in schema.names]), schema, source)
     _check_common(table, source)
     n_cand = np.asarray(pc.list_value_length(table.column("candidates")).to_numpy(zero_copy_only=False), np.int64)
     n_shown = np.asarray(pc.list_value_length(table.column("shown")).to_numpy(zero_copy_only=False), np.int64)
@@ -264,7 +343,8 @@ def validate_impressions(table: pa.Table, source: str) -> pa.Table:
     if (n_cand < n_shown).any():
         r = _first_true(n_cand < n_shown)
         raise _err(source, "candidates", r, f"N={n_cand[r]} candidates < L={n_shown[r]} shown items (need N >= L)")
-    _check_finite(table.column("labels"), source)
+    _check_labels(table.column("labels"), source)
+    _check_optional(table, source, n_shown)
     sv, sp, _ = _check_id_list(table.column("shown"), source, "shown", unique=True)
     cv, cp, _ = _flat(table.column("candidates"))
     cv = cv.to_numpy()

@@ -69,11 +69,20 @@ def _validate_impressions(batch: pa.Table, what: str) -> pa.Table:
         if exc.name != "goalrank_core.validate":
             raise
         return conform(batch, IMPRESSIONS, what)
-    out = validate_impressions(batch, what)
-    return out if isinstance(out, pa.Table) else conform(batch, IMPRESSIONS, what)
+    out = validate_impressions(batch, what)  # optional columns are checked, then left out (_note_dropped)
+    return conform(out.select(IMPRESSIONS.names), IMPRESSIONS, what)
 
 
-def _read_impressions(source: DataSource) -> pa.Table:
+def _note_dropped(what: str, names: list[str]) -> None:
+    """The stage re-writes impressions with the contract's columns only: one line names the
+    input columns that its splits will not hold (optional ones are still validated)."""
+    dropped = [n for n in names if n not in IMPRESSIONS.names]
+    if dropped:
+        print(f"[prepare] {what}: column(s) {dropped} are validated where known but not carried into the prepare "
+              f"stage's splits (the pipeline re-writes impressions with the contract's columns only)", flush=True)
+
+
+def _read_impressions(source: DataSource, note: bool = True) -> pa.Table:
     import ray
     import ray.data
 
@@ -85,6 +94,8 @@ def _read_impressions(source: DataSource) -> pa.Table:
     ray.data.DataContext.get_current().raise_original_map_exception = True
     try:
         ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
+        if note:
+            _note_dropped(source.impressions, ds.schema().names)
         ds = ds.map_batches(_validate_impressions, fn_kwargs={"what": source.impressions}, batch_format="pyarrow",
                             batch_size=None)
         tables = ray.get(ds.to_arrow_refs())
@@ -141,7 +152,7 @@ def load_splits(source: DataSource, config: GoalRankConfig) -> Any:
         if len(source.partitions) < 2:  # an empty partition list would mean "the whole folder"
             raise PartitionError(f"{source.impressions}: a window needs at least 2 partitions (training days and "
                                  f"the held-out newest day), got {list(source.partitions)}")
-        train = _read_impressions(replace(source, partitions=tuple(source.partitions[:-1])))
+        train = _read_impressions(replace(source, partitions=tuple(source.partitions[:-1])), note=False)
         held = _read_impressions(replace(source, partitions=(source.partitions[-1],)))
         return split_window(train, held, _read_items(source.items), config.window.test_fraction,
                             source.partitions[-1])

@@ -21,7 +21,7 @@ from test_validate import CORPUS, good_table
 # Cases about columns a request also has (rank drops shown/labels unread, so the others are
 # not errors for it).
 REQUEST_SIDE = {
-    "extra-column", "mistyped-user-id", "mistyped-candidates-float", "duplicate-candidate", "empty-candidates",
+    "mistyped-user-id", "mistyped-candidates-float", "duplicate-candidate", "empty-candidates",
     "ids-beyond-int64", "negative-item-id", "null-user", "null-inside-list", "duplicate-request-id",
     "empty-request-id", "zero-rows", "empty-file", "truncated-parquet", "not-parquet",
 }
@@ -97,7 +97,7 @@ def test_corpus_covers_the_issue_list():
     """Each kind of malformed input the issue names has at least one case here or below."""
     names = {c[0] for c in CORPUS}
     assert len(names) >= 15
-    for kind in ("missing-column", "extra-column", "mistyped-user-id", "nan-label", "inf-label", "empty-file",
+    for kind in ("missing-column", "propensity-above-1", "extra-labels-length", "mistyped-user-id", "nan-label", "inf-label", "empty-file",
                  "empty-candidates", "empty-shown", "shown-outside-candidates", "duplicate-candidate",
                  "n-less-than-l", "ids-beyond-int64", "truncated-parquet"):
         assert kind in names, kind

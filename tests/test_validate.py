@@ -45,6 +45,10 @@ def with_column(name: str, array: pa.Array) -> pa.Table:
     return t.set_column(t.column_names.index(name), name, array)
 
 
+def with_extra(name: str, array: pa.Array) -> pa.Table:
+    return good_table().append_column(name, array)
+
+
 def _write(table: pa.Table):
     def w(path):
         pq.write_table(table, path)
@@ -68,7 +72,19 @@ HUGE = 2**63 + 5
 # (case id, writer(path), substrings the error must contain)
 CORPUS = [
     ("missing-column", _write(good_table().drop_columns(["labels"])), ["missing column", "labels"]),
-    ("extra-column", _write(good_table().append_column("clicks", pa.array([1, 2, 3, 4]))), ["unexpected column", "clicks"]),
+    ("propensity-above-1", _write(with_extra("propensity", pa.array([0.5, 0.2, 1.5, 0.1]))), ["'propensity' row 2", "not a probability in (0, 1]"]),
+    ("propensity-zero", _write(with_extra("propensity", pa.array([0.5, 0.2, 0.0, 0.1]))), ["'propensity' row 2", "not a probability"]),
+    ("propensity-nan", _write(with_extra("propensity", pa.array([0.5, 0.2, float("nan"), 0.1]))), ["'propensity' row 2", "not a probability"]),
+    ("propensity-missing", _write(with_extra("propensity", pa.array([0.5, 0.2, None, 0.1], pa.float64()))), ["'propensity'", "null at row 2"]),
+    ("propensity-string", _write(with_extra("propensity", pa.array(["a", "b", "c", "d"]))), ["'propensity'", "expected float64"]),
+    ("log-propensity-positive", _write(with_extra("log_propensity", pa.array([-1.0, -2.0, 0.5, -1.0]))), ["'log_propensity' row 2", "log-probability <= 0"]),
+    ("log-propensity-inf", _write(with_extra("log_propensity", pa.array([-1.0, -2.0, -np.inf, -1.0]))), ["'log_propensity' row 2", "not a finite"]),
+    ("propensity-and-log", _write(with_extra("propensity", pa.array([0.5] * 4)).append_column("log_propensity", pa.array([-0.7] * 4))), ["'propensity' and 'log_propensity' both given"]),
+    ("extra-labels-length", _write(with_extra("labels_like", pa.array([[1.0, 0.0, 0.0]] * 2 + [[1.0, 0.0]] + [[0.0, 0.0, 1.0]]))), ["'labels_like' row 2", "2 values for 3 shown"]),
+    ("extra-labels-nan", _write(with_extra("labels_like", pa.array([[1.0, 0.0, 0.0]] * 2 + [[1.0, float("nan"), 0.0]] + [[0.0, 0.0, 1.0]]))), ["'labels_like' row 2", "not finite"]),
+    ("extra-labels-negative", _write(with_extra("labels_star", pa.array([[1.0, 0.0, 0.0]] * 2 + [[1.0, -2.0, 0.0]] + [[0.0, 0.0, 1.0]]))), ["'labels_star' row 2", "negative"]),
+    ("position-propensities-length", _write(with_extra("position_propensities", pa.array([[0.5, 0.5, 0.5]] * 2 + [[0.5]] + [[0.5, 0.5, 0.5]]))), ["'position_propensities' row 2", "1 values for 3 shown"]),
+    ("position-propensities-zero", _write(with_extra("position_propensities", pa.array([[0.5, 0.5, 0.5]] * 2 + [[0.5, 0.0, 0.5]] + [[0.5, 0.5, 0.5]]))), ["'position_propensities' row 2", "not a probability"]),
     ("mistyped-user-id", _write(with_column("user_id", pa.array(["a", "b", "c", "d"]))), ["'user_id'", "type string", "expected int64"]),
     ("mistyped-candidates-float", _write(with_column("candidates", pa.array([[1.0, 2.0, 3.0]] * 4))), ["'candidates'", "double"]),
     ("mistyped-labels-string", _write(with_column("labels", pa.array([["1", "0", "1"]] * 4))), ["'labels'", "list<float32>"]),
@@ -235,3 +251,32 @@ def test_validation_speed_100k_rows():
 
 def test_errors_are_goalrank_input_errors():
     assert issubclass(DataValidationError, GoalRankInputError) and issubclass(DataValidationError, ValueError)
+
+
+def test_unknown_columns_are_ignored_with_one_line(tmp_path, caplog):
+    pq.write_table(with_extra("clicks", pa.array([1, 2, 3, 4])).append_column("reward", pa.array([0.1] * 4)), tmp_path / "x.parquet")
+    with caplog.at_level("WARNING", logger="goalrank"):
+        t = read_impressions(tmp_path / "x.parquet")
+        req = read_requests(tmp_path / "x.parquet")
+    assert t.schema.equals(IMPRESSIONS) and req.schema.equals(REQUESTS)
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 2 and "ignoring column(s) ['clicks', 'reward']" in notes[0] and str(tmp_path / "x.parquet") in notes[0]
+    assert "\n" not in notes[0]
+
+
+def test_optional_columns_are_kept_and_typed(tmp_path, caplog):
+    t = (with_extra("labels_like", pa.array([[1, 0, 0]] * 4, pa.list_(pa.int32())))
+         .append_column("propensity", pa.array([0.5, 1.0, 0.25, 0.125], pa.float32()))
+         .append_column("position_propensities", pa.array([[0.5, 0.5, 1.0]] * 4)))
+    pq.write_table(t, tmp_path / "x.parquet")
+    with caplog.at_level("WARNING", logger="goalrank"):
+        got = read_impressions(tmp_path / "x.parquet")
+        req = read_requests(tmp_path / "x.parquet")  # optional feedback is not a request column, and no notice
+    assert not caplog.records
+    assert got.column_names == IMPRESSIONS.names + ["labels_like", "propensity", "position_propensities"]
+    assert got.schema.field("labels_like").type == pa.list_(pa.float32())
+    assert got.schema.field("propensity").type == pa.float64()
+    assert got.column("labels_like").to_pylist()[0] == [1.0, 0.0, 0.0]
+    assert req.schema.equals(REQUESTS)
+    log_p = with_extra("log_propensity", pa.array([0.0, -1.0, -2.0, -0.5]))
+    assert validate_impressions(log_p, "x").column("log_propensity").to_pylist() == [0.0, -1.0, -2.0, -0.5]
