@@ -45,6 +45,11 @@ class ProtocolConfig:
     seed: int = _help("seed for sampling choices in the protocol", 0)
     implicit_positives: int = _help("implicit data (Amazon-Book): positives per slate; the rest are retriever-hard unclicked items", 3)
     negative_pool: int = _help("implicit data: negatives are drawn from the retriever's top this-many unclicked items", 50)
+    split: str = _help("--impressions logs: time (a global cut by timestamp: the latest requests test, the ones before "
+                       "validate) or user-last (per user: last request test, the one before valid); named data sets "
+                       "always use the per-user protocol (docs/protocol.md)", "time")
+    valid_share: float = _help("split time: share of the requests, just before the test share, that validates", 0.1)
+    test_share: float = _help("split time: share of the requests, the latest, that tests", 0.1)
 
     def __post_init__(self) -> None:
         _check(self.slate_len >= 1, "protocol.slate_len", f"must be >= 1, got {self.slate_len}")
@@ -61,6 +66,12 @@ class ProtocolConfig:
                f"must be in [1, slate_len={self.slate_len}], got {self.implicit_positives}")
         _check(self.negative_pool >= self.slate_len, "protocol.negative_pool",
                f"must be >= slate_len ({self.slate_len}), got {self.negative_pool}")
+        _check(self.split in ("time", "user-last"), "protocol.split", f"must be time or user-last, got {self.split!r}")
+        for name in ("valid_share", "test_share"):
+            v = getattr(self, name)
+            _check(0.0 < v < 1.0, f"protocol.{name}", f"must be in (0, 1), got {v}")
+        _check(self.valid_share + self.test_share < 1.0, "protocol.test_share",
+               f"plus valid_share ({self.valid_share}) must be < 1 (training needs the rest), got {self.test_share}")
 
 
 @dataclass
