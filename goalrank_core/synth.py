@@ -66,6 +66,10 @@ class SynthWorld:
         logit = self.affinity(user_ids, lists) - self.pos_bias[None, :L] - self.gamma * same.sum(-1)
         return 1.0 / (1.0 + np.exp(-logit))
 
+    def sample_clicks(self, rng: np.random.Generator, user_ids: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """(B,) users, (B, L) lists -> (B, L) Bernoulli clicks (independent given the list)."""
+        return rng.random(np.shape(lists)) < self.click_probs(user_ids, lists)
+
     def list_value(self, user_ids: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """(B,) users, (B, L) lists -> (B,) true expected clicks of each list."""
         return self.click_probs(user_ids, lists).sum(-1)
@@ -75,14 +79,83 @@ def make_world(n_users: int, n_items: int, n_categories: int = 8, dim: int = 8, 
                gamma: float = 1.5, seed: int = 0) -> SynthWorld:
     if n_users < 1 or n_items < 1 or n_categories < 1:
         raise GoalRankInputError(f"synth: need users, items and categories >= 1, got {n_users}, {n_items}, {n_categories}")
+    user_vec, item_vec, item_bias, category = taste_space(n_users, n_items, n_categories, dim, seed)
+    pos_bias = 0.15 * np.arange(slate_len)
+    return SynthWorld(user_vec, item_vec, item_bias, category, pos_bias, gamma)
+
+
+def taste_space(n_users: int, n_items: int, n_categories: int, dim: int, seed: int):
+    """Seeded users and category-clustered items -> ((U, d) users, (I, d) items, (I,) item
+    bias, (I,) int64 category in [1, C])."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0.0, 1.0, (n_categories, dim))
     category = rng.integers(0, n_categories, n_items)
     item_vec = centres[category] + 0.35 * rng.normal(0.0, 1.0, (n_items, dim))
     user_vec = 0.6 * rng.normal(0.0, 1.0, (n_users, dim))
     item_bias = rng.normal(-1.0, 0.5, n_items)
-    pos_bias = 0.15 * np.arange(slate_len)
-    return SynthWorld(user_vec, item_vec, item_bias, category.astype(np.int64) + 1, pos_bias, gamma)
+    return user_vec, item_vec, item_bias, category.astype(np.int64) + 1
+
+
+def _list_column(x: np.ndarray, typ=pa.int64()) -> pa.Array:
+    """(R, K) array -> list<typ> column."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), typ), x.shape[1]).cast(pa.list_(typ))
+
+
+def _histories(user_step: np.ndarray, shown: np.ndarray, labels: np.ndarray, history_len: int) -> pa.Array:
+    """(R,) request index within its user (rows user-major, time order within), (R, L) shown and
+    labels -> list column of each request's history: the user's earlier clicks, last `history_len`."""
+    R, slate_len = shown.shape
+    flat_items, flat_click = shown.ravel(), labels.ravel() > 0
+    clicked_items = flat_items[flat_click]
+    cum = np.concatenate([[0], np.cumsum(flat_click)])  # clicks before flat position e
+    first_of_user = (np.arange(R) - user_step) * slate_len
+    n_before = cum[np.arange(R) * slate_len] - cum[first_of_user]
+    h_len = np.minimum(n_before, history_len)
+    h_start = cum[np.arange(R) * slate_len] - h_len
+    off = np.zeros(R + 1, np.int64)
+    np.cumsum(h_len, out=off[1:])
+    h_idx = np.repeat(h_start - off[:-1], h_len) + np.arange(off[-1])
+    return pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(clicked_items[h_idx], pa.int64()))
+
+
+def log_requests(world, user: np.ndarray, user_step: np.ndarray, ts: np.ndarray, n_candidates: int, slate_len: int,
+                 history_len: int, rng: np.random.Generator, prefix: str) -> pa.Table:
+    """Logged impressions of a world (anything with `item_ids`, `affinity(users, items)` and
+    `sample_clicks(rng, users, lists)`): candidates are N items drawn by affinity (Gumbel top-N
+    at temperature 2: relevant, not only the best); the logging policy shows the top L by a
+    noisy affinity, ignoring context; labels are the world's sampled clicks. Rows are
+    user-major in time order; `user_step` (R,) is a request's index within its user.
+    Request ids are f"{prefix}-{user}-{step}". Returns an IMPRESSIONS table."""
+    R = len(user)
+    cand = np.empty((R, n_candidates), np.int64)
+    shown = np.empty((R, slate_len), np.int64)
+    labels = np.empty((R, slate_len), np.float32)
+    all_items = world.item_ids
+    n_items = len(all_items)
+    for a in range(0, R, 4096):
+        b = min(a + 4096, R)
+        aff = world.affinity(user[a:b], np.broadcast_to(all_items, (b - a, n_items)))  # (B, I)
+        gumbel = -np.log(-np.log(rng.random(aff.shape)))
+        c = np.argsort(-(aff / 2.0 + gumbel), axis=1)[:, :n_candidates]  # (B, N) item index
+        cand[a:b] = all_items[c]
+        noisy = np.take_along_axis(aff, c, 1) + rng.normal(0.0, 1.0, c.shape)
+        top = np.argsort(-noisy, axis=1)[:, :slate_len]
+        shown[a:b] = np.take_along_axis(cand[a:b], top, 1)
+        labels[a:b] = world.sample_clicks(rng, user[a:b], shown[a:b])
+    history = _histories(user_step, shown, labels, history_len)
+    # Candidates in a seeded random order: the logging policy's choice must not show in it.
+    cand = np.take_along_axis(cand, np.argsort(rng.random(cand.shape), axis=1), 1)
+    return pa.table(
+        {
+            "request_id": pa.array([f"{prefix}-{u}-{s}" for u, s in zip(user.tolist(), user_step.tolist())], pa.string()),
+            "user_id": pa.array(np.asarray(user, np.int64)),
+            "timestamp": pa.array(np.asarray(ts, np.int64)),
+            "history": history,
+            "candidates": _list_column(cand),
+            "shown": _list_column(shown),
+            "labels": _list_column(labels, pa.float32()),
+        }
+    ).cast(IMPRESSIONS)
 
 
 def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user: int = 10, slate_len: int = 6,
@@ -105,47 +178,6 @@ def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user:
     user = np.repeat(np.arange(n_users, dtype=np.int64), requests_per_user)  # (R,) user-major, time order within
     step = np.arange(R) % requests_per_user
     ts = T0 + (step * days * DAY) // requests_per_user + rng.integers(0, 3600, R) // requests_per_user
-    cand = np.empty((R, n_candidates), np.int64)
-    shown = np.empty((R, slate_len), np.int64)
-    labels = np.empty((R, slate_len), np.float32)
-    all_items = world.item_ids
-    for a in range(0, R, 4096):
-        b = min(a + 4096, R)
-        aff = world.affinity(user[a:b], np.broadcast_to(all_items, (b - a, n_items)))  # (B, I)
-        gumbel = -np.log(-np.log(rng.random(aff.shape)))
-        c = np.argsort(-(aff / 2.0 + gumbel), axis=1)[:, :n_candidates]  # (B, N) item index
-        cand[a:b] = c + ITEM_ID_OFFSET
-        noisy = np.take_along_axis(aff, c, 1) + rng.normal(0.0, 1.0, c.shape)
-        top = np.argsort(-noisy, axis=1)[:, :slate_len]
-        shown[a:b] = np.take_along_axis(cand[a:b], top, 1)
-        labels[a:b] = rng.random((b - a, slate_len)) < world.click_probs(user[a:b], shown[a:b])
-    # History: clicks of the user's earlier requests, last `history_len`.
-    flat_items, flat_click = shown.ravel(), labels.ravel() > 0
-    clicked_items = flat_items[flat_click]
-    cum = np.concatenate([[0], np.cumsum(flat_click)])  # clicks before flat position e
-    first_of_user = (np.arange(R) - step) * slate_len
-    n_before = cum[np.arange(R) * slate_len] - cum[first_of_user]
-    h_len = np.minimum(n_before, history_len)
-    h_start = cum[np.arange(R) * slate_len] - h_len
-    off = np.zeros(R + 1, np.int64)
-    np.cumsum(h_len, out=off[1:])
-    h_idx = np.repeat(h_start - off[:-1], h_len) + np.arange(off[-1])
-    # Candidates in a seeded random order: the logging policy's choice must not show in it.
-    cand = np.take_along_axis(cand, np.argsort(rng.random(cand.shape), axis=1), 1)
-
-    def lists(x: np.ndarray, typ=pa.int64()) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), typ), x.shape[1]).cast(pa.list_(typ))
-
-    table = pa.table(
-        {
-            "request_id": pa.array([f"synth-{u}-{s}" for u, s in zip(user.tolist(), step.tolist())], pa.string()),
-            "user_id": pa.array(user),
-            "timestamp": pa.array(ts.astype(np.int64)),
-            "history": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(clicked_items[h_idx], pa.int64())),
-            "candidates": lists(cand),
-            "shown": lists(shown),
-            "labels": lists(labels, pa.float32()),
-        }
-    ).cast(IMPRESSIONS)
-    items = pa.table({"item_id": pa.array(all_items), "category": pa.array(world.category)}, schema=ITEMS)
+    table = log_requests(world, user, step, ts, n_candidates, slate_len, history_len, rng, "synth")
+    items = pa.table({"item_id": pa.array(world.item_ids), "category": pa.array(world.category)}, schema=ITEMS)
     return table, items, world
