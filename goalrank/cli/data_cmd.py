@@ -1,4 +1,4 @@
-"""`goalrank data prepare | synth | download`."""
+"""`goalrank data prepare | synth | simulate | replay | download`."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="first day written with --days (default 2023-11-15); e.g. --days 1 --start DAY lands one new day")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=_synth)
+
+    m = sub.add_parser("simulate", help="write logs of a list-wise user simulator with a known optimum",
+                       description="Write OUT/impressions.parquet (every request; `goalrank fit --impressions` and "
+                                   "`data prepare` split them), OUT/items.parquet and OUT/world/ (the simulator, for "
+                                   "`goalrank evaluate --world OUT`) from a seeded world whose click model has "
+                                   "context effects: saturation, pairs, cascade, or a combination such as "
+                                   "saturation+cascade. The logging policy is noisy and context-unaware.")
+    m.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    m.add_argument("--effect", default="saturation", help="saturation, pairs, cascade, or several joined by '+' "
+                   "(default saturation)")
+    m.add_argument("--seed", type=int, default=0, help="world and log seed (default 0)")
+    m.add_argument("--users", type=int, default=2000, help="number of users (default 2000)")
+    m.add_argument("--items", type=int, default=1000, help="number of items (default 1000)")
+    m.add_argument("--categories", type=int, default=10, help="item categories (default 10)")
+    m.add_argument("--requests", type=int, default=16000, help="requests in all, spread over the users (default 16000)")
+    m.add_argument("--candidates", type=int, default=50, help="candidates per request (default 50)")
+    m.add_argument("--slate-len", type=int, default=10, help="items shown per request (default 10)")
+    m.set_defaults(func=_simulate)
 
     r = sub.add_parser("replay", help="replay a public data set as a date-partitioned log, one partition a day",
                        description="Run the protocol on a data set and write every request to "
@@ -92,6 +110,25 @@ def _synth(args: argparse.Namespace) -> int:
     pq.write_table(imp, out / "impressions.parquet")
     pq.write_table(items, out / "items.parquet")
     print(f"wrote {out / 'impressions.parquet'} ({imp.num_rows} requests) and {out / 'items.parquet'} ({items.num_rows} items)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    from goalrank_core.simulator import make_world, simulate_logs
+
+    world = make_world(args.effect, seed=args.seed, n_users=args.users, n_items=args.items,
+                       n_categories=args.categories, slate_len=args.slate_len)
+    imp, items = simulate_logs(world, n_requests=args.requests, n_candidates=args.candidates, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(imp, out / "impressions.parquet")
+    pq.write_table(items, out / "items.parquet")
+    world.save(out / "world")
+    print(f"wrote {out / 'impressions.parquet'} ({imp.num_rows} requests, effect {'+'.join(world.effects)}), "
+          f"{out / 'items.parquet'} ({items.num_rows} items) and {out / 'world'}")
     return 0
 
 

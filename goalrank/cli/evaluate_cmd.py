@@ -1,8 +1,9 @@
-"""`goalrank evaluate --lists PATH --truth PATH [--k 6,10] [--json]`."""
+"""`goalrank evaluate --lists PATH (--truth PATH [--k 6,10] | --world DIR [--truth PATH]) [--json]`."""
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from goalrank.cli import UserError
 
@@ -23,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "labelled requests (impressions): HR@K, NDCG@K, MAP@K with bootstrap 95% "
                                           "intervals. Requests without a positive are excluded and counted.")
     p.add_argument("--lists", required=True, metavar="PATH", help="ranked lists Parquet (file or folder)")
-    p.add_argument("--truth", required=True, metavar="PATH", help="impressions Parquet with shown and labels")
+    p.add_argument("--truth", metavar="PATH", help="impressions Parquet with shown and labels (with --world: the "
+                   "requests to score, default WORLD_DIR/impressions.parquet)")
+    p.add_argument("--world", metavar="DIR", help="a `goalrank data simulate` folder (or its world/): score the lists' "
+                   "true expected clicks, normalised (random list 0, best list found 1), instead of logged labels")
     p.add_argument("--k", type=_ks, default=None, metavar="K[,K...]", help="cut-offs (default: L, the longest shown list)")
     p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -32,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
+
+    if args.world is not None:
+        return _evaluate_world(args)
+    if args.truth is None:
+        raise UserError("give --truth (labelled requests) or --world (a simulator folder)")
 
     from goalrank_core.metrics import evaluate_lists
     from goalrank_core.validate import read_impressions, read_ranked
@@ -50,4 +59,42 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{name:<10} {r.value:>8.4f}  [{r.ci_low:.4f}, {r.ci_high:.4f}]")
     if first.n_requests == 0:
         raise UserError("no request in --truth has a positive label: every metric is undefined")
+    return 0
+
+
+def _world_paths(world: str, truth: str | None) -> tuple[Path, Path]:
+    """--world DIR [--truth PATH] -> (world folder, requests path)."""
+    root = Path(world)
+    world_dir = root / "world" if (root / "world" / "world.json").is_file() else root
+    requests = Path(truth) if truth is not None else (root / "impressions.parquet")
+    if truth is None and not requests.exists():
+        raise UserError(f"--world {root}: no impressions.parquet there; give the requests with --truth")
+    return world_dir, requests
+
+
+def _evaluate_world(args: argparse.Namespace) -> int:
+    """True value of ranked lists in a simulator world, with a bootstrap 95% interval."""
+    import pyarrow.compute as pc
+
+    from goalrank_core.metrics import bootstrap_ci
+    from goalrank_core.simulator import World
+    from goalrank_core.simulator_search import normalised_value
+    from goalrank_core.validate import read_ranked, read_requests
+
+    world_dir, requests_path = _world_paths(args.world, args.truth)
+    world = World.load(world_dir)
+    ranked = read_ranked(args.lists)
+    requests = read_requests(requests_path)
+    requests = requests.filter(pc.is_in(requests.column("request_id"), value_set=ranked.column("request_id").combine_chunks()))
+    tv = normalised_value(world, requests, ranked, seed=args.seed)
+    lo, hi = bootstrap_ci(tv.normalised, seed=args.seed)
+    out = {"normalised": tv.score, "ci_low": lo, "ci_high": hi, "value": float(tv.value.mean()),
+           "random": float(tv.random.mean()), "best": float(tv.best.mean()), "upper": float(tv.upper.mean()),
+           "n_requests": int(len(tv.value)), "effects": "+".join(world.effects)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['n_requests']} requests, world effect {out['effects']}: expected clicks per list {out['value']:.4f} "
+          f"(random {out['random']:.4f}, best found {out['best']:.4f}, certified upper bound {out['upper']:.4f})")
+    print(f"normalised true value {tv.score:.4f}  95% interval [{lo:.4f}, {hi:.4f}]  (random 0, best found 1)")
     return 0
