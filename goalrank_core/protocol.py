@@ -10,8 +10,10 @@ random order: score order would reveal which items were shown (see `_shuffle_row
 
 Implicit data (Amazon-Book, `RawData.implicit`): see `_implicit_requests`.
 
-User logs that already carry candidates (`split_impressions`) are split with the same
-per-user rule: last request test, the one before valid, earlier train.
+User logs that already carry candidates (`split_impressions`) are split by `protocol.split`:
+`time` (default) cuts all requests at two timestamps, so every training request is earlier
+than every evaluation one, as production logs are cut; `user-last` applies the per-user rule
+above (last request test, the one before valid, earlier train).
 """
 from __future__ import annotations
 
@@ -359,33 +361,77 @@ def make_splits(raw: RawData, cfg: ProtocolConfig | None = None, chunk: int = 20
     return Splits(tables["train"], tables["valid"], tables["test"], items, stats)
 
 
-def split_impressions(table: pa.Table, items: pa.Table | None = None) -> Splits:
-    """Split validated user impressions by time per user: last request test, the one before
-    valid, earlier train (a user with one request is test only, with two valid + test).
-    Ties in timestamp break by request_id."""
-    u = table.column("user_id").to_numpy()
+def _request_order(table: pa.Table, by_user: bool) -> np.ndarray:
+    """(R,) row order by (user, if `by_user`) timestamp, ties by request_id: deterministic."""
     ts = table.column("timestamp").to_numpy()
     rid = np.asarray(table.column("request_id").to_pylist(), dtype=object)
     _, rid_rank = np.unique(rid.astype(str), return_inverse=True)
-    order = np.lexsort((rid_rank, ts, u))
-    su = u[order]
+    keys = (rid_rank, ts, table.column("user_id").to_numpy()) if by_user else (rid_rank, ts)
+    return np.lexsort(keys)
+
+
+def _user_last_split(table: pa.Table) -> tuple[np.ndarray, dict]:
+    """(R,) split per row (0 train, 1 valid, 2 test): each user's last request tests, the one
+    before validates; a user with one request is test only, with two valid + test."""
+    order = _request_order(table, by_user=True)
+    su = table.column("user_id").to_numpy()[order]
     _, start, count = np.unique(su, return_index=True, return_counts=True)
     from_end = np.repeat(start + count, count) - 1 - np.arange(len(su))  # 0 = user's last
-    split_sorted = np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
-    split_of = np.empty(len(u), np.int64)
+    split_of = np.empty(len(su), np.int64)
+    split_of[order] = np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
+    if not (split_of == 0).any():
+        raise GoalRankInputError(
+            f"split user-last: the training split has no requests: {int((count < 3).sum())} of {len(count)} users have "
+            f"fewer than 3 requests (each user's last request tests and the one before validates); use --split time "
+            f"(protocol.split: time) for a global cut by timestamp")
+    return split_of, {"users": int(len(count)), "users_without_training_requests": int((count < 3).sum())}
+
+
+def _time_split(table: pa.Table, valid_share: float, test_share: float) -> tuple[np.ndarray, dict]:
+    """(R,) split per row (0 train, 1 valid, 2 test): in time order the latest `test_share` of
+    the requests test and the `valid_share` before them validate. A cut inside a run of equal
+    timestamps moves to the run's start, so every training request is strictly earlier than
+    every valid one, and every valid one than every test one."""
+    order = _request_order(table, by_user=False)
+    ts = table.column("timestamp").to_numpy()[order]  # (R,) ascending
+    n = len(ts)
+    test_at = int(np.searchsorted(ts, ts[max(n - max(1, round(test_share * n)), 0)], "left"))
+    valid_at = int(np.searchsorted(ts, ts[max(test_at - max(1, round(valid_share * n)), 0)], "left"))
+    if valid_at == 0:
+        raise GoalRankInputError(
+            f"split time: the training split has no requests: of {n} requests the latest {test_share:g} test and the "
+            f"{valid_share:g} before them validate, leaving none earlier to train ({int((ts == ts[0]).sum())} share the "
+            f"earliest timestamp); log more requests, lower protocol.valid_share / protocol.test_share, or use --split "
+            f"user-last")
+    split_sorted = np.repeat(np.arange(3), [valid_at, test_at - valid_at, n - test_at])
+    split_of = np.empty(n, np.int64)
     split_of[order] = split_sorted
-    tables = {name: table.take(pa.array(np.sort(order[split_sorted == j]))) for j, name in enumerate(SPLITS)}
+    stats = {"users": int(len(np.unique(table.column("user_id").to_numpy()))),
+             "valid_from_timestamp": int(ts[valid_at]), "test_from_timestamp": int(ts[test_at])}
+    return split_of, stats
+
+
+def split_impressions(table: pa.Table, items: pa.Table | None = None, cfg: ProtocolConfig | None = None) -> Splits:
+    """Split validated user impressions by `cfg.split` (`time` or `user-last`, see
+    _time_split / _user_last_split; docs/protocol.md says why time is the default). Optional
+    columns ride along. Raises GoalRankInputError when no request is left to train."""
+    cfg = cfg or ProtocolConfig()
+    if cfg.split == "time":
+        split_of, extra = _time_split(table, cfg.valid_share, cfg.test_share)
+    else:
+        split_of, extra = _user_last_split(table)
+    tables = {name: table.filter(pa.array(split_of == j)) for j, name in enumerate(SPLITS)}
     # keep each split in time order per user
     tables = {n: tb.take(pc.sort_indices(tb, [("user_id", "ascending"), ("timestamp", "ascending")])) for n, tb in tables.items()}
-    stats = _stats(tables, dataset="impressions", users=int(len(start)))
+    stats = _stats(tables, dataset="impressions", split=cfg.split, **extra)
     return Splits(tables["train"], tables["valid"], tables["test"], items, stats)
 
 
 def load_splits(dataset: str | None = None, impressions: str | None = None, items: str | None = None,
                 data_dir: str | None = None, protocol: ProtocolConfig | None = None) -> Splits:
     """The one way to get splits from a data source: a named data set through the protocol,
-    or user impressions (validated, then split by time per user; candidates are given, so no
-    retriever). Exactly one of `dataset` and `impressions`; `items` only with `impressions`."""
+    or user impressions (validated, then split by `protocol.split`; candidates are given, so
+    no retriever). Exactly one of `dataset` and `impressions`; `items` only with `impressions`."""
     from goalrank_core import datasets  # local: keeps `import goalrank_core.protocol` light
     from goalrank_core.validate import read_impressions, read_items
 
@@ -397,4 +443,4 @@ def load_splits(dataset: str | None = None, impressions: str | None = None, item
         return make_splits(datasets.load(dataset, data_dir), protocol)
     table = read_impressions(impressions)
     item_table = read_items(items) if items is not None else None
-    return split_impressions(table, item_table)
+    return split_impressions(table, item_table, protocol)

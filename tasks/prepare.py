@@ -8,7 +8,7 @@ vocabularies, categories, dimensions; goalrank_core.bundle).
 A named data set runs the protocol (goalrank_core.protocol.make_splits) on the driver, as it
 needs the whole rating log at once (k-core, retriever). Impression logs are read with Ray
 Data (any number of Parquet parts, local or S3), validated batch by batch on the workers,
-and split per user by time. Splits are written back through Ray Data.
+and split by `protocol.split` (a daily window holds out its newest partition instead). Splits are written back through Ray Data.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def load_splits(source: DataSource, config: GoalRankConfig) -> Any:
         held = _read_impressions(replace(source, partitions=(source.partitions[-1],)))
         return split_window(train, held, _read_items(source.items), config.window.test_fraction,
                             source.partitions[-1])
-    return protocol.split_impressions(_read_impressions(source), _read_items(source.items))
+    return protocol.split_impressions(_read_impressions(source), _read_items(source.items), config.protocol)
 
 
 def prepare(source: DataSource, out: str, config: GoalRankConfig) -> StageResult:

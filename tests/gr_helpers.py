@@ -45,10 +45,11 @@ def tiny_config(**over):
 
 def synth_tables(n_users: int = 40, requests_per_user: int = 6, seed: int = 0, **kw):
     """Synthetic impressions (L=4, N=12) split per user: last request test, one before valid."""
+    from goalrank_core.config import ProtocolConfig
     from goalrank_core.protocol import split_impressions
     from goalrank_core.synth import synth_impressions
 
     table, items, world = synth_impressions(n_users=n_users, n_items=80, requests_per_user=requests_per_user,
                                             slate_len=4, n_candidates=12, n_categories=4, history_len=10,
                                             seed=seed, **kw)
-    return split_impressions(table, items), world
+    return split_impressions(table, items, ProtocolConfig(split="user-last")), world

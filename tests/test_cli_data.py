@@ -21,7 +21,8 @@ DATA = os.environ.get("GOALRANK_DATA_DIR")
 def test_synth_then_prepare_then_evaluate(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "80", "--requests", "4", "--seed", "1"]) == 0
     assert main(["data", "prepare", "--impressions", str(tmp_path / "s" / "impressions.parquet"),
-                 "--items", str(tmp_path / "s" / "items.parquet"), "--out", str(tmp_path / "p"), "--json"]) == 0
+                 "--items", str(tmp_path / "s" / "items.parquet"), "--out", str(tmp_path / "p"), "--json",
+                 "--split", "user-last"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (stats["train_requests"], stats["valid_requests"], stats["test_requests"]) == (40, 20, 20)
     for name in ("train", "valid", "test"):
@@ -82,3 +83,26 @@ def test_prepare_ml100k_subprocess(tmp_path):
     bad = subprocess.run([str(Path(sys.executable).parent / "goalrank"), "data", "prepare", "--impressions", str(tmp_path / "nope.parquet"),
                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no such file" in bad.stderr and not (tmp_path / "out2").exists()
+
+
+def test_prepare_splits_by_time_by_default(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--users", "20", "--items", "80", "--requests", "2"]) == 0
+    imp = str(tmp_path / "s" / "impressions.parquet")
+    assert main(["data", "prepare", "--impressions", imp, "--out", str(tmp_path / "p"), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (stats["split"], stats["train_requests"], stats["valid_requests"], stats["test_requests"]) == ("time", 32, 4, 4)
+    assert main(["data", "prepare", "--impressions", imp, "--out", str(tmp_path / "q"), "--split", "user-last"]) == 2
+    err = capsys.readouterr().err
+    assert "split user-last" in err and "20 of 20 users have fewer than 3" in err and "--split time" in err
+    assert not (tmp_path / "q").exists()
+    assert main(["data", "prepare", "--dataset", "ml-100k", "--out", str(tmp_path / "r"), "--split", "time"]) == 2
+    assert "--split applies to --impressions" in capsys.readouterr().err
+
+
+def test_run_passes_split_as_a_config_override(tmp_path, monkeypatch):
+    from goalrank.cli import build_parser
+    from goalrank.cli.pipeline_cmd import flow_parameters
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["run", "--impressions", "logs.parquet", "--split", "user-last"])
+    assert flow_parameters(args)["overrides"] == {"protocol.split": "user-last"}

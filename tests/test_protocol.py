@@ -182,14 +182,71 @@ def test_implicit_protocol(spy):
     check_no_leakage(s, spy.pairs, implicit=True)
 
 
+USER_LAST = ProtocolConfig(split="user-last")
+
+
+def _ts(t: pa.Table) -> np.ndarray:
+    return t.column("timestamp").to_numpy()
+
+
 def test_split_user_impressions_by_time():
     imp, items, _ = synth_impressions(n_users=5, n_items=80, requests_per_user=4, seed=0)
     imp = imp.take(pa.array(np.random.default_rng(0).permutation(imp.num_rows)))  # order must not matter
-    s = split_impressions(imp, items)
+    s = split_impressions(imp, items, USER_LAST)
     assert (s.train.num_rows, s.valid.num_rows, s.test.num_rows) == (10, 5, 5)
     for u, rows in _by_user(s.test).items():
         assert rows[0]["request_id"] == f"synth-{u}-3"
     assert s.items is items
+    # no leakage inside a user: train <= valid <= test in time, and the user's last request tests
+    train, valid, test = _by_user(s.train), _by_user(s.valid), _by_user(s.test)
+    for u in test:
+        assert max(r["timestamp"] for r in train[u]) <= valid[u][0]["timestamp"] <= test[u][0]["timestamp"]
+        assert test[u][0]["timestamp"] == max(r["timestamp"] for r in imp.to_pylist() if r["user_id"] == u)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_time_split_is_a_global_cut(ties):
+    imp, items, _ = synth_impressions(n_users=30, n_items=80, requests_per_user=4, seed=0)
+    if ties:  # timestamps in coarse buckets: cuts must move to a run's start
+        imp = imp.set_column(2, "timestamp", pa.array(_ts(imp) // 20_000 * 20_000, pa.int64()))
+    imp = imp.take(pa.array(np.random.default_rng(0).permutation(imp.num_rows)))
+    s = split_impressions(imp, items)  # default: time, 10 % valid, 10 % test
+    assert s.stats["split"] == "time"
+    assert s.train.num_rows + s.valid.num_rows + s.test.num_rows == imp.num_rows
+    assert _ts(s.train).max() < _ts(s.valid).min() and _ts(s.valid).max() < _ts(s.test).min()
+    if not ties:
+        assert (s.train.num_rows, s.valid.num_rows, s.test.num_rows) == (96, 12, 12)
+    assert s.stats["test_from_timestamp"] == _ts(s.test).min()
+    shares = split_impressions(imp, items, ProtocolConfig(valid_share=0.25, test_share=0.25))
+    if not ties:
+        assert (shares.valid.num_rows, shares.test.num_rows) == (30, 30)
+
+
+def test_a_split_without_training_requests_says_what_to_change():
+    from goalrank_core.errors import GoalRankInputError
+
+    imp, items, _ = synth_impressions(n_users=40, n_items=80, requests_per_user=2, seed=0)
+    with pytest.raises(GoalRankInputError, match=r"split user-last: .*no requests: 40 of 40 users have fewer than 3 "
+                                                 r"requests.*use --split time"):
+        split_impressions(imp, items, USER_LAST)
+    s = split_impressions(imp, items)  # the time split trains on the earlier 80 %
+    assert s.train.num_rows == 64 and _ts(s.train).max() < _ts(s.valid).min()
+    same_second = imp.set_column(2, "timestamp", pa.array(np.full(imp.num_rows, 7), pa.int64()))
+    with pytest.raises(GoalRankInputError, match=r"split time: .*no requests: of 80 requests.*80 share the earliest"):
+        split_impressions(same_second, items)
+
+
+def test_load_splits_carries_optional_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    imp, _, _ = synth_impressions(n_users=10, n_items=80, requests_per_user=4, seed=0)
+    imp = imp.append_column("propensity", pa.array(np.full(imp.num_rows, 0.5))).append_column(
+        "labels_like", imp.column("labels")).append_column("note", pa.array(["x"] * imp.num_rows))
+    pq.write_table(imp, tmp_path / "imp.parquet")
+    s = load_splits(impressions=str(tmp_path / "imp.parquet"), protocol=USER_LAST)
+    for t in (s.train, s.valid, s.test):
+        assert t.column_names == IMPRESSIONS.names + ["propensity", "labels_like"]
+    assert s.stats["split"] == "user-last"
 
 
 def test_load_splits_arguments():

@@ -139,7 +139,7 @@ def test_prepare_reruns_skip_and_stage_folders_need_manifests(ray_session, tmp_p
 
 
 @pytest.mark.ray
-def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path):
+def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     rows = []
@@ -149,6 +149,7 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path):
             rows.append({"request_id": f"u{u}-{t}", "user_id": u, "timestamp": 1000 + t, "history": cands[:2],
                          "candidates": cands, "shown": cands[:3], "labels": [1.0, 0.0, float(t % 2)]})
     table = pa.Table.from_pylist(rows, schema=IMPRESSIONS)
+    table = table.append_column("propensity", pa.array([0.5] * 12)).append_column("clicks", pa.array([1] * 12))
     (tmp_path / "logs" / "date=2024-01-01").mkdir(parents=True)
     pq.write_table(table.slice(0, 6), tmp_path / "logs" / "date=2024-01-01" / "part-0.parquet")
     (tmp_path / "logs" / "date=2024-01-02").mkdir()
@@ -156,7 +157,8 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path):
     cfg = tiny(**{"protocol.slate_len": 3, "protocol.n_candidates": 8})
     res = prepare(DataSource(impressions=str(tmp_path / "logs")), str(tmp_path / "out"), cfg)
     t = res.manifest["tables"]
-    assert (t["train"]["rows"], t["valid"]["rows"], t["test"]["rows"]) == (6, 3, 3)
+    assert (t["train"]["rows"], t["valid"]["rows"], t["test"]["rows"]) == (6, 3, 3)  # time split; ties move cuts
+    assert "['propensity', 'clicks'] are validated where known but not carried" in capsys.readouterr().out
     # A daily window: exactly the named partitions, the newest held out for valid/test.
     days = ("date=2024-01-01", "date=2024-01-02")
     window = prepare(DataSource(impressions=str(tmp_path / "logs"), partitions=days), str(tmp_path / "out1"), cfg)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # heavy imports stay inside functions so `--help` is fast
     from goalrank_core.protocol import Splits
 
 DATASET_NAMES = ("ml-100k", "ml-1m", "amazon-book")
+SPLIT_NAMES = ("time", "user-last")  # ProtocolConfig.split
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> "GoalRankConfig":
@@ -46,18 +47,40 @@ def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -
 
 
 def add_data_source_args(parser: argparse.ArgumentParser) -> None:
-    """--dataset NAME | --impressions PATH [--items PATH], and --data-dir."""
+    """--dataset NAME | --impressions PATH [--items PATH] [--split HOW], and --data-dir."""
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--dataset", choices=DATASET_NAMES, help="a public data set, turned into impressions by the protocol (docs/protocol.md)")
-    group.add_argument("--impressions", metavar="PATH", help="your own impressions Parquet (file or folder of parts), split by time per user")
+    group.add_argument("--impressions", metavar="PATH", help="your own impressions Parquet (file or folder of parts), split by --split")
     parser.add_argument("--items", metavar="PATH", help="optional item table (item_id, category) for --impressions")
+    add_split_arg(parser)
     parser.add_argument("--data-dir", metavar="DIR", help="where data sets live (default: $GOALRANK_DATA_DIR, else ~/.cache/goalrank)")
+
+
+def add_split_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", choices=SPLIT_NAMES, default=None,
+                        help="how --impressions is split: time (a global cut by timestamp: the latest "
+                             "protocol.test_share of requests test, the protocol.valid_share before them validate) or "
+                             "user-last (per user: last request test, the one before valid); default protocol.split "
+                             "(time). A daily run's date window replaces it; --dataset always splits per user")
+
+
+def split_override(args: argparse.Namespace) -> dict:
+    """{"protocol.split": HOW} when --split was given, for GoalRankConfig.override."""
+    how = getattr(args, "split", None)
+    if how and getattr(args, "impressions", None) is None:
+        from goalrank_core.errors import GoalRankInputError
+
+        raise GoalRankInputError("--split applies to --impressions; a named data set always splits per user (docs/protocol.md)")
+    return {"protocol.split": how} if how else {}
 
 
 def load_source(args: argparse.Namespace, config: "GoalRankConfig") -> "Splits":
     """Splits from the parsed data-source arguments (validated before anything is written)."""
     from goalrank_core.protocol import load_splits
 
+    over = split_override(args)
+    if over:
+        config = config.override(over)
     return load_splits(
         dataset=getattr(args, "dataset", None),
         impressions=getattr(args, "impressions", None),

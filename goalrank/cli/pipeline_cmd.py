@@ -18,7 +18,7 @@ DEFAULT_DEPLOYMENT = "daily"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from goalrank.cli.common import add_data_source_args
+    from goalrank.cli.common import add_data_source_args, add_split_arg
 
     p = sub.add_parser("run", help="run the daily retraining flow once (no server needed)",
                        description="Run the goalrank-daily flow once: prepare, train, evaluate, register, promote.")
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--dataset", default=None, help="default data set of scheduled runs (default ml-100k)")
     src.add_argument("--impressions", metavar="PATH", help="default impressions path of scheduled runs")
     p.add_argument("--items", metavar="PATH", help="item table for --impressions")
+    add_split_arg(p)
     p.add_argument("--data-dir", metavar="DIR", help="where data sets live")
     _add_flow_args(p)
     p.set_defaults(func=cmd_serve)
@@ -124,7 +125,9 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     from goalrank_core.config import GoalRankConfig
 
     file_settings, model = load_config_file(args.config)
-    overrides = parse_overrides(args.overrides)
+    from goalrank.cli.common import split_override
+
+    overrides = {**parse_overrides(args.overrides), **split_override(args)}
     base = GoalRankConfig.from_dict(model)
     if overrides:
         base.override(overrides)
