@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from goalrank_core.errors import DataValidationError
+from goalrank_core.ope import Estimate, bootstrap_interval, estimate_all
 from goalrank_core.schemas import METRICS, RANKED, conform
 
 METRIC_NAMES = ("hr", "ndcg", "map")
@@ -68,20 +69,9 @@ def per_request(ranked: np.ndarray, positives: np.ndarray, k: int) -> dict[str, 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (seeded); (nan, nan) when there
-    is nothing to resample or `n_boot` is 0 (no interval asked for)."""
-    if n_boot < 0:
-        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
-    n = len(values)
-    if n == 0 or n_boot == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    step = max(1, 2_000_000 // n)  # resamples per block, to bound memory at ~16 MB
-    for a in range(0, n_boot, step):
-        b = min(a + step, n_boot)
-        means[a:b] = values[rng.integers(0, n, (b - a, n))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    is nothing to resample or `n_boot` is 0 (no interval asked for). The off-policy
+    estimates share the resampling (ope.bootstrap_interval)."""
+    return bootstrap_interval(np.asarray(values), None, n_boot, seed, level)
 
 
 def _check_ranked(ranked: pa.Table, truth: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -166,3 +156,24 @@ def metrics_rows(split: str, policy: str, results: dict[str, MetricResult]) -> l
 
 def metrics_table(rows: list[dict]) -> pa.Table:
     return conform(pa.Table.from_pylist(rows, schema=METRICS), METRICS, "metrics")
+
+
+def evaluate_ope(ranked: pa.Table, truth: pa.Table, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:
+    """Off-policy estimates (goalrank_core.ope) of the policy behind `ranked`, from a truth
+    table whose `propensity` or `log_propensity` (and optionally `position_propensities`)
+    the logging policy wrote. Same alignment checks as evaluate_lists."""
+    names = truth.column_names
+    if "log_propensity" in names:
+        log_p = truth.column("log_propensity").to_numpy().astype(np.float64)
+    elif "propensity" in names:
+        log_p = np.log(truth.column("propensity").to_numpy().astype(np.float64))
+    else:
+        raise DataValidationError("truth: off-policy estimates need a 'propensity' or 'log_propensity' column "
+                                  "(the logging policy's probability of each logged list)")
+    where, lists = _check_ranked(ranked, truth)
+    lists = lists[np.argsort(where)]  # (R, W) in truth order
+    pos = None
+    if "position_propensities" in names:
+        pos = _padded(truth.column("position_propensities"), fill=1.0, dtype=np.float64)  # (R, L)
+    return estimate_all(lists, _padded(truth.column("shown")), _padded(truth.column("labels"), fill=0.0, dtype=np.float64),
+                        log_p, pos, n_boot=n_boot, seed=seed)

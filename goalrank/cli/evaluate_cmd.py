@@ -1,4 +1,4 @@
-"""`goalrank evaluate --lists PATH (--truth PATH [--k 6,10] | --world DIR [--truth PATH]) [--json]`."""
+"""`goalrank evaluate --lists PATH (--truth PATH [--k 6,10] [--ope] | --world DIR [--truth PATH]) [--json]`."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=_ks, default=None, metavar="K[,K...]", help="cut-offs (default: L, the longest shown list)")
     p.add_argument("--json", action="store_true", help="print one JSON object {metric: value}")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--ope", action="store_true",
+                   help="with --truth: also estimate the expected slate reward (sum of labels over the list) that the "
+                        "policy behind --lists would have earned, from --truth's logging propensities: slate IPS and "
+                        "SNIPS (need propensity or log_propensity), pseudo-inverse PI and SNPI (also need "
+                        "position_propensities), each with a bootstrap 95%% interval and its effective sample size")
     p.set_defaults(func=_evaluate)
 
 
@@ -42,24 +47,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.truth is None:
         raise UserError("give --truth (labelled requests) or --world (a simulator folder)")
 
-    from goalrank_core.metrics import evaluate_lists
+    from goalrank_core.metrics import evaluate_lists, evaluate_ope
     from goalrank_core.validate import read_impressions, read_ranked
 
     truth = read_impressions(args.truth)
     ranked = read_ranked(args.lists)
     ks = args.k or [int(pc.max(pc.list_value_length(truth.column("shown"))).as_py())]
     results = evaluate_lists(ranked, truth, ks, seed=args.seed)
+    ope = evaluate_ope(ranked, truth, seed=args.seed) if args.ope else {}
     if args.json:
-        print(json.dumps({name: r.value for name, r in results.items()}, sort_keys=False))
+        out = {name: r.value for name, r in results.items()}
+        out.update({f"ope_{name}": e.value for name, e in ope.items()})
+        print(json.dumps(out, sort_keys=False))
         return 0
     first = next(iter(results.values()))
     print(f"{len(truth)} requests; {first.n_requests} with a positive, {first.n_excluded} without (excluded)")
     print(f"{'metric':<10} {'value':>8}  {'95% interval':>19}")
     for name, r in results.items():
         print(f"{name:<10} {r.value:>8.4f}  [{r.ci_low:.4f}, {r.ci_high:.4f}]")
+    if ope:
+        _print_ope(ope, "position_propensities" in truth.column_names)
     if first.n_requests == 0:
         raise UserError("no request in --truth has a positive label: every metric is undefined")
     return 0
+
+
+def _print_ope(ope: dict, has_positions: bool) -> None:
+    print("off-policy estimates of the expected slate reward (sum of labels over the list):")
+    print(f"{'estimator':<10} {'value':>8}  {'95% interval':>19}  {'ESS':>8}")
+    for name, e in ope.items():
+        print(f"{name:<10} {e.value:>8.4f}  [{e.ci_low:.4f}, {e.ci_high:.4f}]  {e.ess:>8.1f}")
+    if not has_positions:
+        print("pi, snpi: not estimated (they need a position_propensities column: the list propensity alone does "
+              "not give the per-position marginals)")
 
 
 def _world_paths(world: str, truth: str | None) -> tuple[Path, Path]:
