@@ -177,3 +177,20 @@ def test_cli_simulate_and_evaluate(tmp_path, capsys):
     assert got["n_requests"] == test.num_rows and got["ci_low"] <= got["normalised"] <= got["ci_high"]
     assert main(["evaluate", "--lists", str(tmp_path / "ranked.parquet"), "--world", str(tmp_path)]) == 2
     assert main(["data", "simulate", "--effect", "boredom", "--out", str(out)]) == 2
+
+
+def test_bench_scoring_shares_one_best():
+    """bench.simulator's scoring without a fit: the oracle sort and the logged lists of a tiny world."""
+    from bench.simulator import LOGGED, ORACLE, _ranked as bench_ranked, score_policies, summarise
+
+    world = make_world("cascade", seed=0, n_users=10, n_items=60, slate_len=4)
+    imp, _ = simulate_logs(world, n_requests=20, n_candidates=8, seed=0)
+    users, cand = imp.column("user_id").to_numpy(), _padded(imp.column("candidates"))
+    best, _ = best_lists(world, users, cand, 4)
+    lists = {"goalrank": bench_ranked(imp, best), LOGGED: bench_ranked(imp, _padded(imp.column("shown"))),
+             ORACLE: bench_ranked(imp, cand[:, :4])}
+    res = score_policies(world, imp, lists, seed=0)
+    assert res["goalrank"]["normalised"] == pytest.approx(1.0)
+    assert res["_world"]["upper"] >= res["_world"]["best"] >= res["_world"]["search_best"]
+    summary, rows = summarise("cascade", [res], 4)
+    assert rows[0][1] == "goalrank" and summary[LOGGED]["goalrank_minus"]["mean"] > 0
