@@ -62,9 +62,10 @@ def _generator(cfg: GoalRankConfig, d: Dims) -> nn.Module:
 
 
 def _reward(cfg: GoalRankConfig, d: Dims) -> nn.Module:
-    from goalrank_core.reward_model import RewardModel
+    from goalrank_core.reward_model import CrossFitReward, RewardModel
 
-    return RewardModel(cfg.reward, d.n_items, d.n_users, d.n_categories, d.slate_len)
+    cls = CrossFitReward if cfg.reward.folds > 1 else RewardModel
+    return cls(cfg.reward, d.n_items, d.n_users, d.n_categories, d.slate_len)
 
 
 def _pointwise(cfg: GoalRankConfig, d: Dims) -> nn.Module:
@@ -116,6 +117,7 @@ class ModelBundle:
     models: dict[str, nn.Module] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # model name -> kind in MODEL_KINDS
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    fit_report: list[dict] = field(default_factory=list)  # per-round loop diagnostics of the last fit
 
     def add(self, name: str, kind: str, model: nn.Module) -> None:
         self.models[name], self.kinds[name] = model, kind
@@ -153,6 +155,9 @@ class ModelBundle:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(path, f"{name}.pt"))
         if self.tensors:
             torch.save({k: v.detach().cpu() for k, v in self.tensors.items()}, os.path.join(path, "tensors.pt"))
+        if self.fit_report:  # read by people and MLflow, never by load
+            with open(os.path.join(path, "fit_report.json"), "w") as f:
+                json.dump(self.fit_report, f, indent=2, sort_keys=True)
         meta = {
             "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -184,6 +189,9 @@ class ModelBundle:
         users = pq.read_table(os.path.join(path, "users.parquet")).column("user_id").to_numpy().astype(np.int64)
         # Bundles written before reward.context_layers existed have reward models without it.
         meta["config"].get("reward", {}).setdefault("context_layers", 0)
+        meta["config"].get("reward", {}).setdefault("folds", 1)  # and before cross-fitting: one model
+        meta["config"].get("reward", {}).setdefault("pairwise", False)  # and before the pairwise term
+        meta["config"].get("reward", {}).setdefault("causal", False)  # and before causal list encoding
         bundle = cls(GoalRankConfig.from_dict(meta["config"]), Vocab(ids), Vocab(users), item_category,
                      Dims(**meta["dims"]))
         for name, kind in meta["models"].items():

@@ -120,8 +120,21 @@ class RewardConfig:
         "their logged DCG, so the model learns to order lists, which is how G-E and pi_ref use it "
         "(0 = BCE only; 1 helps G-E on ML-100K but hurts it on Amazon-Book and on the synthetic "
         "context-effect data: docs/architecture.md)", 0.0)
+    pairwise: bool = _help(
+        "add a pairwise context term to each item's click logit: the summed effect of every earlier "
+        "list item, from their same-category flag, similarity, attractiveness and distance (category "
+        "saturation, substitutes and complements, a reader who stops after a click)", True)
+    causal: bool = _help(
+        "the list encoder lets item p attend to the user and the items above it only (a top-down "
+        "reader, as click models assume); false: every item of the list", True)
+    folds: int = _help(
+        "cross-fitting: K reward models, member k trained on the training requests outside fold k "
+        "(a hash of request_id); a training request's group is scored by the member that never saw "
+        "it, anything else (G-E, serving) by the members' mean (1 = one model that also scores its "
+        "own training requests)", 2)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.folds, int) and self.folds >= 1, "reward.folds", f"must be an integer >= 1, got {self.folds!r}")
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
@@ -142,6 +155,11 @@ class GroupConfig:
     logged_list: bool = _help(
         "put a training request's logged list (the behaviour policy's proposal) first in its group; "
         "training groups only, never used to rank", True)
+    search_lists: bool = _help(
+        "put a list built by greedy search under the reward model (goalrank_core/search.py) in each "
+        "training group: the one proposal that can beat every proposer; training only, never served", True)
+    search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
+                                  "reward model's one-item score (0 = all N)", 0)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "group.size", f"must be >= 1, got {self.size}")
@@ -149,6 +167,7 @@ class GroupConfig:
         _check(self.tau > 0, "group.tau", f"must be > 0, got {self.tau}")
         _check(self.eps > 0, "group.eps", f"must be > 0, got {self.eps}")
         _check(self.rounds >= 1, "group.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.search_shortlist >= 0, "group.search_shortlist", f"must be >= 0, got {self.search_shortlist}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,10 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch, Vocab, encode_requests
 from goalrank_core.bundle import Dims, ModelBundle
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.group import dedup_lists, reference_policy
-from goalrank_core.trainer import (Groups, Log, iterate_batches, set_seed, train_generator_group,
+from goalrank_core.diagnostics import format_round, group_summary, ordering_quality
+from goalrank_core.group import dcg_weights, dedup_lists, reference_policy
+from goalrank_core.search import greedy_search
+from goalrank_core.trainer import (Groups, Log, batch_folds, iterate_batches, log_labels, set_seed, train_generator_group,
                                    train_generator_supervised, train_reward_model)
 
 
@@ -115,9 +118,11 @@ def group_proposals(batch: RequestBatch, aux: list, generator: nn.Module | None,
 @torch.no_grad()
 def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None, reward: nn.Module,
                    config: GoalRankConfig, seed: int, batch_size: int = 512,
-                   proposals: Proposals | None = None) -> tuple[Groups, list[str]]:
+                   proposals: Proposals | None = None, heldout: bool = True) -> tuple[Groups, list[str]]:
     """Groups for every row of `data` (`group_proposals`, or the precomputed `proposals`
-    behind the logged list), deduplicated to |B| and scored.
+    behind the logged list; with `group.search_lists` the reward-guided list first),
+    deduplicated to |B| and scored, each training request by the reward member that did not
+    train on it (cross-fitting).
     -> (Groups, policy names indexed by Groups.policy_ids)."""
     dev = next(reward.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -139,8 +144,17 @@ def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None
             if not names:
                 names = list(dict.fromkeys(batch_names))
             pid = torch.tensor([names.index(n) for n in batch_names], device=dev).expand(len(b), -1)
+        # Cross-fitting: a training row is scored by the member that never saw it (`heldout`);
+        # other rows (validation) by the members' mean.
+        folds = batch_folds(reward, data, idx, dev) if heldout else None
+        if config.group.search_lists:  # the reward-guided list leads the group (search.py)
+            found = greedy_search(reward, b, lists.shape[2], folds, config.group.search_shortlist)  # (B, L)
+            if "search" not in names:
+                names = names + ["search"]
+            lists = torch.cat([found[:, None, :], lists], dim=1)
+            pid = torch.cat([torch.full_like(pid[:, :1], names.index("search")), pid], dim=1)
         lists, mask, pids = dedup_lists(lists, pid, config.group.size)
-        rewards = reward.score(b, lists.clamp(min=0))
+        rewards = reward.score(b, lists.clamp(min=0), folds)
         pi = reference_policy(rewards, mask, config.group.tau, config.group.eps)
         for k, v in (("lists", lists), ("mask", mask), ("pids", pids), ("rewards", rewards), ("pi", pi)):
             out[k].append(v.cpu().numpy())
@@ -199,10 +213,12 @@ def init_reward(reward: nn.Module, bundle: ModelBundle, log: Log = print) -> boo
     sup = bundle.models.get("supervised")
     if not bundle.config.reward.init_from_supervised or sup is None:
         return False
-    if not can_init_from(reward, sup):
+    members = list(getattr(reward, "members", [reward]))  # a CrossFitReward: every member
+    if not all(can_init_from(m, sup) for m in members):
         log("reward model: shapes differ from the supervised generator's; starting from random weights")
         return False
-    init_from_generator(reward, sup)
+    for m in members:
+        init_from_generator(m, sup)
     log("reward model: embeddings and context layers start from the supervised generator")
     return True
 
@@ -231,12 +247,43 @@ def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
     return props
 
 
+# (data, row indices (B,), lists (B, G, L) positions) -> (B, G) a reference value per list
+ListValue = Callable[[EncodedRequests, np.ndarray, np.ndarray], np.ndarray]
+
+
+def logged_dcg(data: EncodedRequests, idx: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """The logged DCG of lists (B, G, L) of rows `idx`: shown candidates keep their labels,
+    every other candidate counts 0 (the only reference real logs give). -> (B, G)."""
+    b = data.batch(idx)
+    lab = log_labels(b, torch.from_numpy(lists))  # (B, G, L)
+    return (lab * dcg_weights(lists.shape[2])).sum(-1).numpy()
+
+
+@torch.no_grad()
+def valid_ordering(valid: EncodedRequests | None, policies: list, generator: nn.Module | None, reward: nn.Module,
+                   config: GoalRankConfig, seed: int, list_value: ListValue | None = None) -> dict | None:
+    """How well the reward model orders the groups of the valid requests (no logged list in
+    them) against `list_value` (default: logged DCG). None without valid requests."""
+    if valid is None or not len(valid):
+        return None
+    cfg = config.override({"group.logged_list": False})
+    groups, _ = propose_groups(valid, policies, generator, reward, cfg, seed, heldout=False)
+    ref = np.zeros_like(groups.rewards, dtype=np.float64)
+    for idx in iterate_batches(len(valid), 512, False):
+        ref[idx] = (list_value or logged_dcg)(valid, idx, np.maximum(groups.lists[idx], 0))
+    q = ordering_quality(groups.rewards, ref, groups.mask)
+    return {**q, "against": "true value" if list_value is not None else "logged DCG"}
+
+
 def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: ModelBundle, log: Log = print,
-                 policies: list | None = None) -> ModelBundle:
+                 policies: list | None = None, list_value: ListValue | None = None) -> ModelBundle:
     """Train reward model, auxiliary policies (unless `bundle` already has them) and the
     GoalRank generator into `bundle` (also returned). `policies` overrides the auxiliary
     proposers (ListPolicy objects); default: the configured auxiliary policies plus the
-    supervised generator."""
+    supervised generator. Each round's diagnostics (goalrank_core/diagnostics.py) are logged
+    and kept in `bundle.fit_report`; the reward model's ordering is measured on the valid
+    requests' groups against `list_value` (a simulator's true value) or, without it, their
+    logged DCG."""
     from goalrank_core.ranking import policy_resources
     from goalrank_core.policies import build_auxiliary
 
@@ -259,16 +306,14 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
     if "supervised" in bundle.models:  # warm start from the supervised generator
         generator.load_state_dict(bundle.models["supervised"].state_dict())
     log(f"generator: {generator.num_parameters():,} parameters")
+    bundle.fit_report = []
     for rnd in range(1, cfg.group.rounds + 1):
         groups, names = propose_groups(train, policies, generator, reward, cfg, seed=cfg.train.seed + rnd,
                                        proposals=props if rnd == 1 else None)
-        size = groups.mask.sum(1).mean()
-        share = {n: float((groups.policy_ids == i).sum() / groups.mask.sum()) for i, n in enumerate(names)}
-        top = np.take_along_axis(groups.policy_ids, groups.pi_ref.argmax(1)[:, None], 1)[:, 0]
-        best = {n: float((top == i).mean()) for i, n in enumerate(names)}
-        log(f"round {rnd}: mean group size {size:.1f}; lists by policy "
-            + ", ".join(f"{n} {share[n]:.2f}" for n in names)
-            + "; best list by policy " + ", ".join(f"{n} {best[n]:.2f}" for n in names))
+        summary = group_summary(groups.rewards, groups.pi_ref, groups.mask, groups.policy_ids, names)
+        quality = valid_ordering(valid, policies, generator, reward, cfg, cfg.train.seed + 1000 + rnd, list_value)
+        bundle.fit_report.append({"round": rnd, **summary, "ordering": quality})
+        log(format_round(rnd, summary, quality))
         train_generator_group(train, groups, generator, cfg.train, valid, log)
     bundle.add("generator", "generator", generator)
     log(f"fit done in {time.perf_counter() - t0:.0f}s")
@@ -276,11 +321,11 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
 
 
 def fit_tables(train: pa.Table, valid: pa.Table | None, config: GoalRankConfig, items: pa.Table | None = None,
-               log: Log = print) -> ModelBundle:
+               log: Log = print, list_value: ListValue | None = None) -> ModelBundle:
     """fit_goalrank from impressions tables: builds vocabularies, encodes, fits."""
     bundle = build_bundle(train, config, items)
     tr = encode(bundle, train)
     va = encode(bundle, valid) if valid is not None and valid.num_rows else None
     log(f"train {len(tr)} requests, valid {len(va) if va is not None else 0}; items {bundle.dims.n_items}, "
         f"users {bundle.dims.n_users}, N {tr.candidates.shape[1]}, L {bundle.dims.slate_len}")
-    return fit_goalrank(tr, va, bundle, log)
+    return fit_goalrank(tr, va, bundle, log, list_value=list_value)

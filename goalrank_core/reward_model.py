@@ -12,6 +12,9 @@ lists) are masked out and score 0.
 """
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -20,6 +23,9 @@ from goalrank_core.batch import RequestBatch
 from goalrank_core.config import RewardConfig
 from goalrank_core.group import dcg_weights
 from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
+
+
+_PAIR_FEATURES = 4  # same category, cosine, earlier item's attractiveness, distance
 
 
 class RewardModel(nn.Module):
@@ -34,6 +40,10 @@ class RewardModel(nn.Module):
                         if cfg.context_layers > 0 else None)
         self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+        # Pairwise context: what each earlier item of the list does to this one.
+        self.pair = (nn.Sequential(nn.Linear(_PAIR_FEATURES, 16), nn.GELU(), nn.Linear(16, 1))
+                     if cfg.pairwise else None)
+        self.point = nn.Linear(d, 1) if cfg.pairwise else None  # an item's attractiveness alone
         nn.init.normal_(self.pos.weight, std=0.02)
         self.register_buffer("dcg", dcg_weights(slate_len), persistent=False)
 
@@ -55,10 +65,35 @@ class RewardModel(nn.Module):
         tok = torch.cat([user[:, None, None, :].expand(b, g, 1, -1), items], dim=2)  # (B, G, 1 + L, d)
         tok = tok + self.pos.weight[: l + 1]
         pad = torch.cat([torch.zeros_like(lists[..., :1], dtype=torch.bool), lists < 0], dim=2)  # (B, G, 1 + L)
-        h = self.encoder(tok.reshape(b * g, l + 1, -1), src_key_padding_mask=pad.reshape(b * g, l + 1))
+        causal = None
+        if self.cfg.causal:  # a reader goes top-down: item p sees the user and the items above it
+            causal = torch.ones(l + 1, l + 1, dtype=torch.bool, device=lists.device).triu(1)
+        h = self.encoder(tok.reshape(b * g, l + 1, -1), mask=causal, src_key_padding_mask=pad.reshape(b * g, l + 1))
         h = h.reshape(b, g, l + 1, -1)[:, :, 1:]  # (B, G, L, d)
         # Skip connection from the item's own encoding keeps the point-wise signal direct.
-        return self.head(torch.cat([h, items], dim=-1)).squeeze(-1)
+        logit = self.head(torch.cat([h, items], dim=-1)).squeeze(-1)  # (B, G, L)
+        if self.pair is not None:
+            logit = logit + self._pairwise(batch, lists, items)
+        return logit
+
+    def _pairwise(self, batch: RequestBatch, lists: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, G, L) the summed effect of the earlier items j < p on item p, from features a
+        list-wise click model needs and self-attention learns slowly from few logs: same
+        category (saturation), the similarity of the two items (substitutes, complements), how
+        attractive the earlier item is (a reader who stops after a click) and how far back it
+        is. An additive term, so each effect is learnt once for all positions."""
+        b, g, l = lists.shape
+        cat = gather_positions(batch.category[..., None].to(items.dtype), lists)[..., 0]  # (B, G, L)
+        same = ((cat[..., :, None] == cat[..., None, :]) & (cat[..., :, None] > 0)).to(items.dtype)  # (B, G, L, L)
+        unit = F.normalize(items, dim=-1)
+        cos = unit @ unit.transpose(-1, -2)  # (B, G, L, L)
+        attract = torch.sigmoid(self.point(items))[..., 0]  # (B, G, L)
+        pos = torch.arange(l, device=lists.device)
+        gap = (pos[:, None] - pos[None, :]).clamp(min=0).to(items.dtype) / max(self.slate_len, 1)  # (L, L)
+        feats = torch.stack([same, cos, attract[..., None, :].expand(b, g, l, l), gap.expand(b, g, l, l)], dim=-1)
+        earlier = torch.ones(l, l, dtype=torch.bool, device=lists.device).tril(-1)  # [p, j]: j < p
+        earlier = earlier & (lists >= 0)[..., None, :]  # (B, G, L, L) real earlier items only
+        return (self.pair(feats)[..., 0] * earlier).sum(-1)  # (B, G, L)
 
     def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
         """= logits; training calls the module itself so DDP wrappers sync gradients."""
@@ -68,8 +103,9 @@ class RewardModel(nn.Module):
         """(B, G, L) -> (B, G, L) click probabilities, 0 at -1 entries."""
         return torch.sigmoid(self.logits(batch, lists)) * (lists >= 0).to(torch.float32)
 
-    def score(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
-        """(B, G, L) -> (B, G) sum_k p_k / log2(k + 2)."""
+    def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G, L) -> (B, G) sum_k p_k / log2(k + 2). `folds` is accepted for the interface
+        of CrossFitReward and ignored: one model has no held-out member."""
         p = self.click_probs(batch, lists)
         return (p * self.dcg[: lists.shape[-1]]).sum(-1)
 
@@ -80,6 +116,65 @@ class RewardModel(nn.Module):
             lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
         assert labels is not None
         return masked_bce(self(batch, lists), lists, labels)
+
+
+class CrossFitReward(nn.Module):
+    """K reward models for cross-fitting. Member k trains only on the requests outside fold k
+    (`request_folds`), so a training request's group is scored by the one member that never
+    saw its labels (`score(..., folds)`); a reward model scoring its own training requests
+    rewards lists that repeat the clicks it memorised. Requests outside training (G-E at
+    serving, validation) get the mean of the members' scores.
+
+    `forward` returns (K, B, G, L) logits: the loss masks each member to its own rows."""
+
+    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int):
+        super().__init__()
+        self.cfg, self.slate_len = cfg, slate_len
+        self.members = nn.ModuleList(RewardModel(cfg, n_items, n_users, n_categories, slate_len)
+                                     for _ in range(cfg.folds))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """lists (B, G, L) -> (K, B, G, L) each member's click logits."""
+        return torch.stack([m(batch, lists) for m in self.members])
+
+    def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G, L) -> (B, G) list scores: with `folds` (B,) int64, row b scored by member
+        folds[b] alone (the one that did not train on it); without, the members' mean."""
+        scores = torch.stack([m.score(batch, lists) for m in self.members])  # (K, B, G)
+        if folds is None:
+            return scores.mean(0)
+        folds = folds.to(scores.device).clamp(0, len(self.members) - 1)
+        return scores.gather(0, folds[None, :, None].expand(1, -1, scores.shape[2]))[0]
+
+    def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, G, L) -> (B, G, L) the members' mean click probabilities."""
+        return torch.stack([m.click_probs(batch, lists) for m in self.members]).mean(0)
+
+
+def request_folds(request_ids: np.ndarray | list, k: int) -> np.ndarray:
+    """(R,) request ids -> (R,) int64 fold in [0, k): a CRC-32 of the id, so every process
+    (the in-process fit, each Ray worker, a rerun) puts a request in the same fold."""
+    if k <= 1:
+        return np.zeros(len(request_ids), np.int64)
+    return np.fromiter((zlib.crc32(str(r).encode()) % k for r in request_ids), np.int64, len(request_ids))
+
+
+def member_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor | None) -> torch.Tensor:
+    """BCE of a reward model's logits: (B, G, L) for one model; (K, B, G, L) for a
+    CrossFitReward, where member k learns only from rows whose fold (B,) is not k (the mean
+    over members). Without `folds` every member learns from every row."""
+    if logits.dim() == lists.dim():
+        return masked_bce(logits, lists, labels)
+    k = logits.shape[0]
+    losses = []
+    for m in range(k):
+        rows = torch.ones(lists.shape[0], dtype=torch.bool, device=lists.device) if folds is None else folds != m
+        keep = torch.where(rows[:, None, None], lists, torch.full_like(lists, -1))  # other folds' rows: empty
+        losses.append(masked_bce(logits[m], keep, labels))
+    return torch.stack(losses).mean()
 
 
 def masked_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
 from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
-from goalrank_core.reward_model import masked_bce
+from goalrank_core.reward_model import member_bce, request_folds
 
 Log = Callable[[str], None]
 
@@ -120,11 +120,13 @@ def list_rank_loss(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tens
 
 
 def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: torch.Generator | None = None,
-                extra_lists: torch.Tensor | None = None, list_weight: float = 0.0) -> torch.Tensor:
+                extra_lists: torch.Tensor | None = None, list_weight: float = 0.0,
+                folds: torch.Tensor | None = None) -> torch.Tensor:
     """BCE on the logged list, plus `augment` lists mixing in unshown candidates, plus
     `extra_lists` (B, K, L) (e.g. the group proposers' lists; -1 lists are skipped) labelled
     from the log (`log_labels`); plus `list_weight` x `list_rank_loss` over those same lists.
-    Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
+    A CrossFitReward (logits (K, B, G, L)) learns member k from the rows whose `folds` (B,)
+    is not k. Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
     lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
     if augment > 0:
         extra, extra_labels = augment_lists(batch, augment, gen)
@@ -132,10 +134,11 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
     if extra_lists is not None and extra_lists.shape[1] > 0:
         lists = torch.cat([lists, extra_lists], dim=1)
         labels = torch.cat([labels, log_labels(batch, extra_lists)], dim=1)
-    logits = model(batch, lists)  # (B, G, L)
-    loss = masked_bce(logits, lists, labels)
+    logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
+    loss = member_bce(logits, lists, labels, folds)
     if list_weight > 0:
-        loss = loss + list_weight * list_rank_loss(logits, lists, labels)
+        member_logits = logits if logits.dim() > lists.dim() else logits[None]
+        loss = loss + list_weight * torch.stack([list_rank_loss(m, lists, labels) for m in member_logits]).mean()
     return loss
 
 
@@ -196,10 +199,21 @@ def greedy_hit_rate(model: nn.Module, data: EncodedRequests, batch_size: int) ->
     return float(h[~h.isnan()].mean()) if len(h) else float("nan")
 
 
+def batch_folds(model: nn.Module, data: EncodedRequests, idx: np.ndarray | slice, device: torch.device | str) -> torch.Tensor | None:
+    """(B,) cross-fitting folds of rows `idx` of `data` for a CrossFitReward `model` (None for
+    one model): what its loss and its held-out scores are keyed by."""
+    k = getattr(getattr(model, "module", model), "cfg", None)
+    k = getattr(k, "folds", 1) if k is not None else 1
+    if k <= 1 or not hasattr(getattr(model, "module", model), "members"):
+        return None
+    return torch.from_numpy(request_folds(data.request_id[idx], k)).to(device)
+
+
 @torch.no_grad()
 def mean_reward_loss(model: nn.Module, data: EncodedRequests, batch_size: int, proposals: np.ndarray | None = None) -> float:
     """Mean BCE on the logged lists of `data`, and on every list of `proposals` (R, G, L)
-    labelled from the log when given."""
+    labelled from the log when given. (Validation requests are no member's training rows,
+    so a CrossFitReward's members are all measured on every row.)"""
     model.eval()
     dev, tot, n = _device(model), 0.0, 0
     for idx in iterate_batches(len(data), batch_size, False):
@@ -272,7 +286,8 @@ def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, mo
         extra = None
         if proposals is not None and k > 0:
             extra = pick_lists(torch.from_numpy(proposals[idx]).to(dev), k, gen)  # (B, k, L)
-        return reward_loss(model, train.batch(idx, dev), augment, gen, extra, model.cfg.list_weight)
+        return reward_loss(model, train.batch(idx, dev), augment, gen, extra, model.cfg.list_weight,
+                           batch_folds(model, train, idx, dev))
 
     validate = None
     if valid is not None and len(valid):

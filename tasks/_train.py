@@ -199,6 +199,26 @@ class TrainSpec:
         return GoalRankConfig.from_dict(self.config_dict)
 
 
+def shard_table(shard: Any) -> "pa.Table":
+    """A worker's whole dataset shard as one Arrow table (read once per stage run)."""
+    import pyarrow as pa
+
+    parts = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
+def epoch_batches(rows: "pa.Table", batch_size: int, seed: int, epoch: int, rank: int):
+    """Batches of `rows` in a seeded random order, new every epoch (a global shuffle of the
+    shard; the in-process trainer permutes the whole split the same way)."""
+    import numpy as np
+
+    from goalrank_core.trainer import iterate_batches
+
+    rng = np.random.default_rng([seed, epoch, rank])
+    for idx in iterate_batches(rows.num_rows, batch_size, True, rng):
+        yield rows.take(idx)
+
+
 def worker_loop(loop_config: dict) -> None:
     """DDP epochs over this worker's shard of dataset "train", AdamW with gradient clipping
     (as the in-process trainer), one checkpoint and one log line per epoch, best-on-valid
@@ -224,16 +244,17 @@ def worker_loop(loop_config: dict) -> None:
         start, best, best_state, history = state["epoch"] + 1, state.get("best_val"), state.get("best"), state["history"]
         if rank == 0:
             print(f"[{spec.what}] resuming after epoch {state['epoch']} from the latest checkpoint", flush=True)
-    shard = ray.train.get_dataset_shard("train")
+    # The whole shard once, then a seeded permutation of it every epoch: the prepared data is
+    # sorted by user, and a local shuffle buffer of two batches would feed a few users per
+    # step. Each DDP step averages one random batch of every worker's shard.
+    rows = shard_table(ray.train.get_dataset_shard("train"))
     meter = EpochMeter()
     for epoch in range(start, spec.epochs + 1):
         ddp.train()
         meter.start()
         # Seeded per (epoch, rank): a resumed run draws what an uninterrupted one would.
         gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + epoch * 101 + rank)
-        for table in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow",
-                                        local_shuffle_buffer_size=2 * cfg.batch_size,
-                                        local_shuffle_seed=cfg.seed + epoch):
+        for table in epoch_batches(rows, cfg.batch_size, cfg.seed, epoch, rank):
             args = spec.batch_args(table, dev, gen)
             loss = ddp(*args)
             opt.zero_grad(set_to_none=True)

@@ -130,21 +130,25 @@ class RewardSpec(TrainSpec):
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: Any, augment: int, gen: torch.Generator,
-             extra: torch.Tensor | None, list_weight: float) -> torch.Tensor:
+             extra: torch.Tensor | None, list_weight: float, folds: torch.Tensor | None) -> torch.Tensor:
         from goalrank_core.trainer import reward_loss
 
-        return reward_loss(model, batch, augment, gen, extra, list_weight)
+        return reward_loss(model, batch, augment, gen, extra, list_weight, folds)
 
     def batch_args(self, table: Any, device: Any, gen: torch.Generator) -> tuple:
         from goalrank_core.fit import encode
+        from goalrank_core.reward_model import request_folds
         from goalrank_core.trainer import pick_lists
 
-        batch = encode(self.bundle, table).batch(slice(None), device)
+        enc = encode(self.bundle, table)
+        batch = enc.batch(slice(None), device)
+        k = self.config.reward.folds  # cross-fitting: member k learns from rows outside fold k
+        folds = torch.from_numpy(request_folds(enc.request_id, k)).to(device) if k > 1 else None
         extra = None
         if self.k > 0 and PROPOSALS in table.column_names:
             # Drawn before the augmented lists, from the same generator: trainer.train_reward_model's order.
             extra = pick_lists(torch.from_numpy(proposals_array(table.column(PROPOSALS))).to(device), self.k, gen)  # (B, k, L)
-        return batch, self.augment, gen, extra, self.list_weight
+        return batch, self.augment, gen, extra, self.list_weight, folds
 
     def validate(self, model: torch.nn.Module) -> float:
         from goalrank_core.trainer import mean_reward_loss

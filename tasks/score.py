@@ -37,6 +37,7 @@ def score_batch(bundle: Any, reward: torch.nn.Module, requests: RequestIndex, ta
     the per-batch work of a `Scorer` actor (the benchmark's bare loop calls it too)."""
     from goalrank_core.fit import encode
     from goalrank_core.group import reference_policy
+    from goalrank_core.trainer import batch_folds
 
     lists_col = table.column("lists")
     width = max(1, pc.max(pc.list_value_length(lists_col)).as_py() or 0) if table.num_rows else 1
@@ -44,7 +45,8 @@ def score_batch(bundle: Any, reward: torch.nn.Module, requests: RequestIndex, ta
     pos, mask = groups_to_positions(enc, lists_col, width, "score")  # (B, G, L), (B, G)
     b = enc.batch(slice(None), dev)
     m = torch.from_numpy(mask).to(dev)
-    rewards = reward.score(b, torch.from_numpy(pos).to(dev).clamp(min=0))  # (B, G)
+    # Cross-fitting: a training request's lists scored by the member that did not train on it.
+    rewards = reward.score(b, torch.from_numpy(pos).to(dev).clamp(min=0), batch_folds(reward, enc, slice(None), dev))  # (B, G)
     rewards = torch.where(m, rewards, torch.zeros_like(rewards))
     pi = reference_policy(rewards, m, config.group.tau, config.group.eps)  # (B, G)
     r, p = rewards.float().cpu().numpy(), pi.float().cpu().numpy()
