@@ -27,7 +27,7 @@ from prefect.tasks import exponential_backoff
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
-from flows import daily_ops
+from flows import console, daily_ops
 
 FLOW_NAME = "goalrank-daily"
 GOALRANK_POLICY = "goalrank"  # policy name of the trained generator in the METRICS table
@@ -136,11 +136,23 @@ def _artifact(label: str, run_id: str, s: dict[str, Any]) -> None:
 
 
 def _run_stage(label: str, run_id: str, fn_name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    console.begin(label)
     t0 = time.time()
     result = getattr(_stages(), fn_name)(*args, **kwargs)
     s = _summary(label, result, time.time() - t0)
     _artifact(label, run_id, s)
+    console.done(label, console.stage_detail(s), s["wall_s"])
     return s
+
+
+def _step(label: str, call: Any, detail: Any = None) -> Any:
+    """A flow step that is not a `_run_stage` stage (gates, warm start, registry): its
+    progress line, with `detail(result)` after the time."""
+    console.begin(label)
+    t0 = time.time()
+    out = call()
+    console.done(label, detail(out) if detail else "", time.time() - t0)
+    return out
 
 
 _TASK_OPTS = dict(
@@ -409,13 +421,19 @@ def goalrank_daily(
 
     source = {"dataset": dataset, "impressions": impressions, "items": items, "data_dir": s["data_dir"]}
     window = None
-    if impressions is not None and _partitions().is_partitioned(impressions):
+    partitioned = impressions is not None and _partitions().is_partitioned(impressions)
+    # Stages: [gates], prepare, warm start, policies, reward model, rounds x 3, evaluate,
+    # register, promote.
+    console.start(int(partitioned) + 7 + 3 * cfg.group.rounds)
+    if partitioned:
         # Gates before anything is written or trained: a bad day stops here, champion untouched.
-        window = daily_ops.data_gates_task(run_id, impressions, run_date, c)
+        window = _step("data_gates", lambda: daily_ops.data_gates_task(run_id, impressions, run_date, c),
+                       lambda w: f"{len(w['partitions'])} partition(s) pass")
         source["partitions"] = tuple(window["partitions"])
     prep = prepare_task(run_id, source, uri("prepare"), c)
-    warm = daily_ops.warm_start_task(run_id, prep["uri"], uri(daily_ops.WARM_STAGE), c, s["tracking_uri"],
-                                     s["model_name"], run_date, cold)
+    warm = _step("warm_start", lambda: daily_ops.warm_start_task(
+        run_id, prep["uri"], uri(daily_ops.WARM_STAGE), c, s["tracking_uri"], s["model_name"], run_date, cold),
+        lambda w: f"from champion v{w['version']}" if w["warm"] else "cold start")
     run_cfg = daily_ops.effective_config(cfg, warm)  # fewer epochs for what starts warm
     c = run_cfg.to_dict()
     pol = train_policies_task(run_id, prep["uri"], uri("policies"), c)
@@ -439,11 +457,13 @@ def goalrank_daily(
               "promotion.margin": promotion_margin, "cold": cold, "warm_start": bool(warm["warm"]),
               "warm_start.version": warm["version"] if warm["warm"] else None}
     tags = daily_ops.warm_tags(warm, run_date, window["window"] if window else None)
-    reg = track_and_register_task(run_id, name, summaries, c, params, s["tracking_uri"], s["experiment"],
-                                  s["model_name"], tags)
+    reg = _step("track_and_register", lambda: track_and_register_task(
+        run_id, name, summaries, c, params, s["tracking_uri"], s["experiment"], s["model_name"], tags),
+        lambda r: f"{s['model_name']} v{r['version']}" + ("" if r["created"] else " (existing)"))
     uris = {"prepared": prep["uri"], "reward_model": rew["uri"], "policies": pol["uri"]}
-    decision = promote_task(run_id, reg, uris, c, s["tracking_uri"], s["experiment"], s["model_name"],
-                            metric, promotion_margin)
+    decision = _step("promote", lambda: promote_task(
+        run_id, reg, uris, c, s["tracking_uri"], s["experiment"], s["model_name"], metric, promotion_margin),
+        lambda d: "promoted to champion" if d["promoted"] else "not promoted")
     warm_info = {k: warm[k] for k in ("warm", "version", "reason", "stats", "uri")}
     daily_ops.write_record(s["storage"], name, run_id, {
         "config_hash": cfg.hash(), "run_config_hash": run_cfg.hash(), "run_id": run_id, "run_date": run_date,
@@ -468,7 +488,7 @@ def goalrank_daily(
         "window": window["window"] if window else None,
         "gates": window["gates"] if window else None,
     }
-    print(format_summary(summary))
+    console.emit(format_summary(summary))
     return summary
 
 

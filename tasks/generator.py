@@ -30,7 +30,6 @@ def init_weights(init: str, what: str) -> dict[str, torch.Tensor]:
 class GeneratorSpec(TrainSpec):
     what = "generator"
     higher_is_better = True
-    find_unused_parameters = True  # e.g. embeddings of items absent from a shard's batch stay unused
 
     def __init__(self, config_dict: dict, prepared: str, init: str | None):
         super().__init__(config_dict, GoalRankConfig.from_dict(config_dict).train.epochs)

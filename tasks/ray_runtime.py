@@ -84,7 +84,7 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
                 os.environ.setdefault(k, v)
             _local_ray_on_loopback()
             cpus = num_cpus or int(os.environ.get("GOALRANK_RAY_NUM_CPUS", "0")) or os.cpu_count() or 1
-            kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}
+            kwargs: dict[str, Any] = {"num_cpus": cpus, "log_to_driver": True, **_dashboard()}
             tmp = temp_dir or os.environ.get("GOALRANK_RAY_TMPDIR")
             if tmp:
                 os.makedirs(tmp, exist_ok=True)
@@ -92,6 +92,28 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
             ray.init(**kwargs)
         _quiet_data_context()
     return dict(ray.cluster_resources())
+
+
+def _dashboard() -> dict[str, Any]:
+    """ray.init arguments for a local Ray's dashboard, which serves Ray's State API.
+
+    Ray Train V2 starts a PlacementGroupCleaner actor beside each trainer's controller; it
+    asks the State API every second whether the controller is alive, to free the workers'
+    placement group if the controller died. With no dashboard every ask failed, and the
+    cleaner printed `Failed to query Ray Train Controller actor state` once a second of
+    training (154 lines in one `make run`), and could never have cleaned up. The dashboard
+    binds 127.0.0.1 on a free port; RAY_API_SERVER_ADDRESS, inherited by the workers, points
+    the State API client at this Ray's dashboard (left to find it alone, it refuses when a
+    second Ray runs on the machine). GOALRANK_RAY_DASHBOARD=0 starts Ray without it."""
+    if not env_flag("GOALRANK_RAY_DASHBOARD", True):
+        return {"include_dashboard": False}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def _local_ray_on_loopback() -> None:

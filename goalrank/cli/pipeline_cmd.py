@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the goalrank-daily flow once: prepare, train, evaluate, register, promote.")
     add_data_source_args(p)
     _add_flow_args(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="show Prefect's and Ray's own output on the terminal too (default: only progress, "
+                        "results, warnings and errors; the rest goes to the run's log file)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="serve the daily flow as a Prefect deployment with a cron schedule",
@@ -171,13 +174,46 @@ def preflight_inputs(args: argparse.Namespace, data_dir: str | None = None) -> N
         read_items(args.items)
 
 
+def run_log_path(params: dict[str, Any]) -> Path:
+    """Where `goalrank run` writes the output it keeps off the terminal: the run's folder,
+    `{storage}/{dataset}/{run_id}/_logs/goalrank-run.log` (appended by reruns), when storage is
+    a local folder; else `.goalrank/logs/{dataset}/{run_id}.log` under the working folder."""
+    from datetime import datetime, timezone
+
+    from flows.daily import _RUN_ID, dataset_name
+    from goalrank_core.errors import ConfigError
+    from goalrank_core.partitions import parse_date
+
+    name = dataset_name(params.get("dataset"), params.get("impressions"))
+    date = params.get("run_date") or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    run_id = params.get("run_id") or parse_date(date, "run_date").isoformat()
+    if not _RUN_ID.match(run_id):  # the flow's own check, before a folder is made from it
+        raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+    storage = params.get("storage")
+    if storage and "://" not in storage:
+        return Path(storage) / name / run_id / "_logs" / "goalrank-run.log"
+    return _workspace() / "logs" / name / f"{run_id}.log"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params = flow_parameters(args)
     preflight_inputs(args, params.get("data_dir"))
     _use_local_prefect(_workspace())
-    from flows.daily import goalrank_daily
+    if args.verbose:
+        from flows.daily import goalrank_daily
 
-    summary = goalrank_daily(**params)
+        summary = goalrank_daily(**params)
+        return 0 if summary.get("registered_version") else 1
+    from goalrank.cli.console import quiet_console
+
+    log_path = run_log_path(params)
+    print(f"goalrank run: {params.get('dataset') or params.get('impressions')}; Prefect's and Ray's own output "
+          f"goes to {log_path} (--verbose shows it here)", flush=True)
+    with quiet_console(log_path):
+        from flows.daily import goalrank_daily
+
+        summary = goalrank_daily(**params)
+    print(f"full log: {log_path}")
     return 0 if summary.get("registered_version") else 1
 
 
