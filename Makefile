@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TQDM_MININTERVAL ?= 5
 
-.PHONY: install run test test-slow bench-quick bench-full stack stack-down clean
+.PHONY: install run test test-slow test-ui browser bench-quick bench-full stack stack-down clean
 
 install: $(STAMP)
 
@@ -32,8 +32,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q --durations=15
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -m slow -q
+
+# The Prefect and MLflow UIs in headless Chromium (tests/test_ui_browser.py; screenshots to docs/img/).
+test-ui: $(STAMP) browser
+	$(PY) -m pytest -m browser -q tests/test_ui_browser.py
+
+# Debian's chromium and chromium-driver for the browser tests (apt-get; about 25 s), unless present.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run_all --mode quick

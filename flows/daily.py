@@ -402,19 +402,27 @@ def goalrank_daily(
     (`{run}/registry/_manifest.json`) written last marks the run complete for backfills.
     """
     t_flow = time.time()
-    if (dataset is None) == (impressions is None):
-        raise ConfigError("give exactly one of dataset or impressions")
-    s = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
-                      model_name=model_name, data_dir=data_dir)
-    cfg = _resolve(config, overrides)
-    run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    from goalrank_core.partitions import parse_date
+    try:
+        if (dataset is None) == (impressions is None):
+            raise ConfigError("give exactly one of dataset or impressions")
+        s = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                          model_name=model_name, data_dir=data_dir)
+        cfg = _resolve(config, overrides)
+        run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        from goalrank_core.partitions import parse_date
 
-    run_date = parse_date(run_date, "run_date").isoformat()
-    run_id = run_id or run_date
-    if not _RUN_ID.match(run_id):
-        raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
-    name = dataset_name(dataset, impressions)
+        run_date = parse_date(run_date, "run_date").isoformat()
+        run_id = run_id or run_date
+        if not _RUN_ID.match(run_id):
+            raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+        name = dataset_name(dataset, impressions)
+    except GoalRankInputError as exc:
+        # One line an operator reads in the run's logs (a run started from the UI with a bad
+        # override); the exception, and its traceback, follow from Prefect.
+        from prefect import get_run_logger
+
+        get_run_logger().error(f"bad parameters, nothing run or written: {exc}")
+        raise
     metric = promotion_metric or f"ndcg@{cfg.protocol.slate_len}"
     c = cfg.to_dict()
     uri = lambda stage: _storage().stage_uri(s["storage"], name, run_id, stage)  # noqa: E731

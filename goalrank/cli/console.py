@@ -29,8 +29,13 @@ HARMLESS = (
     # Ray Data inside Ray Train's dataset manager; deprecated in Ray, not used by us.
     "ExecutionOptions.exclude_resources",
     "self.exclude_resources = exclude_resources",
+    # The raylet counts worker processes against whole CPUs; actors and DDP workers here ask
+    # for fractions of one on purpose (tasks/ray_runtime.py), so more start than it expects.
+    "PYTHON worker processes have been started on node",
     # MLflow's advice on type hints: the pyfunc takes a DataFrame by design.
     "Add type hints to the `predict` method",
+    # MLflow's note that integer columns could not hold missing values; ours have none.
+    "Inferred schema contains integer column(s)",
     "color_warning(",
 )
 # A line Ray forwards from a worker: `(ActorName pid=123)` or `(raylet)`, maybe in colour.
