@@ -95,17 +95,22 @@ def ensure_ray(num_cpus: int | None = None, temp_dir: str | None = None, address
 
 
 def _dashboard() -> dict[str, Any]:
-    """ray.init arguments for a local Ray's dashboard, which serves Ray's State API.
+    """ray.init arguments for a local Ray's dashboard, which serves Ray's State API; off
+    unless GOALRANK_RAY_DASHBOARD=1 (it needs `pip install "ray[default]==2.60.0"`).
 
     Ray Train V2 starts a PlacementGroupCleaner actor beside each trainer's controller; it
     asks the State API every second whether the controller is alive, to free the workers'
-    placement group if the controller died. With no dashboard every ask failed, and the
-    cleaner printed `Failed to query Ray Train Controller actor state` once a second of
-    training (154 lines in one `make run`), and could never have cleaned up. The dashboard
-    binds 127.0.0.1 on a free port; RAY_API_SERVER_ADDRESS, inherited by the workers, points
-    the State API client at this Ray's dashboard (left to find it alone, it refuses when a
-    second Ray runs on the machine). GOALRANK_RAY_DASHBOARD=0 starts Ray without it."""
-    if not env_flag("GOALRANK_RAY_DASHBOARD", True):
+    placement group if the controller died. A local Ray without a dashboard has no State API,
+    so every ask fails and the cleaner logs `Failed to query Ray Train Controller actor state`
+    once a second of training (154 lines in one `make run`; goalrank run keeps them in its log
+    file). The dashboard would answer, but with ray[default] installed the raylet waits at
+    most 15 s for the dashboard agent and aborts Ray's start when it is slower, which it was
+    on a busy 2-core machine (ray-project/ray#65983): four of seven local starts failed
+    there. On a cluster (RAY_ADDRESS) the head's dashboard serves the State API as usual.
+    With it on, the dashboard binds 127.0.0.1 on a free port, and RAY_API_SERVER_ADDRESS,
+    inherited by the workers, points the State API client at it (left to find a dashboard
+    alone, it refuses when a second Ray runs on the machine)."""
+    if not env_flag("GOALRANK_RAY_DASHBOARD", False):
         return {"include_dashboard": False}
     import socket
 

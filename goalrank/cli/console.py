@@ -22,7 +22,8 @@ from typing import Iterator, TextIO
 
 # Known-harmless messages (searched in the message or line): to the log file only.
 HARMLESS = (
-    # Ray Train V2's placement-group cleaner without a State API (GOALRANK_RAY_DASHBOARD=0).
+    # Ray Train V2's placement-group cleaner, once a second of training, on a local Ray without
+    # its dashboard (no State API to ask; why it is off: tasks/ray_runtime._dashboard).
     "Failed to query Ray Train Controller actor state",
     # Ray Train's own actors pass constructor arguments through the object store.
     "has constructor arguments in the object store and max_restarts > 0",
