@@ -103,11 +103,12 @@ def _dashboard() -> dict[str, Any]:
     placement group if the controller died. A local Ray without a dashboard has no State API,
     so every ask fails and the cleaner logs `Failed to query Ray Train Controller actor state`
     once a second of training (154 lines in one `make run`; goalrank run keeps them in its log
-    file). The dashboard would answer, but with ray[default] installed the raylet waits at
-    most 15 s for the dashboard agent and aborts Ray's start when it is slower, which it was
-    on a busy 2-core machine (ray-project/ray#65983): four of seven local starts failed
-    there. On a cluster (RAY_ADDRESS) the head's dashboard serves the State API as usual.
-    With it on, the dashboard binds 127.0.0.1 on a free port, and RAY_API_SERVER_ADDRESS,
+    file). The dashboard would answer, and with it on (ray[default] installed) a whole
+    `make run` printed none of them. It stays off because the raylet aborts Ray's start when
+    its dashboard agent takes over 15 s to come up (ray-project/ray#65983), which a busy
+    2-core machine hit in four of seven local starts with ray[default] installed (Ray's
+    minimal agent hit it too, at a load average of 23; ray[default]'s imports more). On a
+    cluster (RAY_ADDRESS) the head's dashboard serves the State API as usual. With it on, the dashboard binds 127.0.0.1 on a free port, and RAY_API_SERVER_ADDRESS,
     inherited by the workers, points the State API client at it (left to find a dashboard
     alone, it refuses when a second Ray runs on the machine)."""
     if not env_flag("GOALRANK_RAY_DASHBOARD", False):
