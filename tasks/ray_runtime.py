@@ -108,9 +108,10 @@ def _dashboard() -> dict[str, Any]:
     its dashboard agent takes over 15 s to come up (ray-project/ray#65983), which a busy
     2-core machine hit in four of seven local starts with ray[default] installed (Ray's
     minimal agent hit it too, at a load average of 23; ray[default]'s imports more). On a
-    cluster (RAY_ADDRESS) the head's dashboard serves the State API as usual. With it on, the dashboard binds 127.0.0.1 on a free port, and RAY_API_SERVER_ADDRESS,
-    inherited by the workers, points the State API client at it (left to find a dashboard
-    alone, it refuses when a second Ray runs on the machine)."""
+    cluster (RAY_ADDRESS) the head's dashboard serves the State API as usual. With it on,
+    the dashboard binds 127.0.0.1 on a free port, and RAY_API_SERVER_ADDRESS, inherited by
+    the workers, points the State API client at it (left to find a dashboard alone, it
+    refuses when a second Ray runs on the machine)."""
     if not env_flag("GOALRANK_RAY_DASHBOARD", False):
         return {"include_dashboard": False}
     import socket
