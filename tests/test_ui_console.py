@@ -16,6 +16,8 @@ def test_worker_lines_reach_the_terminal_only_when_alarming_and_not_known_harmle
     assert not worker_line_to_console("\x1b[36m(_fit_policies pid=9564)\x1b[0m [policies] prm epoch 1/3: loss 1.19")
     assert not worker_line_to_console("(PlacementGroupCleaner pid=10043) Failed to query Ray Train Controller "
                                       "actor state. State API may be temporarily unavailable.")
+    assert not worker_line_to_console("\x1b[36m(PlacementGroupCleaner pid=1063)\x1b[0m ConnectionError: Found "
+                                      "multiple active Ray instances")
     assert not worker_line_to_console("21:52:49 | WARNING | prefect - not a worker line")
     assert is_harmless("UserWarning: Add type hints to the `predict` method to enable data validation")
 

@@ -25,6 +25,10 @@ HARMLESS = (
     # Ray Train V2's placement-group cleaner, once a second of training, on a local Ray without
     # its dashboard (no State API to ask; why it is off: tasks/ray_runtime._dashboard).
     "Failed to query Ray Train Controller actor state",
+    # ... and its monitor thread's end when another Ray runs on the machine: the State API
+    # client, looking for a dashboard alone, refuses to pick one ("Found multiple active Ray
+    # instances"). Without a State API nothing the cleaner says is actionable.
+    "(PlacementGroupCleaner pid=",
     # Ray Train's own actors pass constructor arguments through the object store.
     "has constructor arguments in the object store and max_restarts > 0",
     # Ray Data inside Ray Train's dataset manager; deprecated in Ray, not used by us.
