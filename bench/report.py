@@ -20,6 +20,7 @@ SECTIONS = {
     "main_table": "Main table (the paper's Table 1)",
     "oracle_groups": "Headroom of group-relative training over its supervised start",
     "simulator": "True list value on the list-wise simulator (known optimum)",
+    "reward_ordering": "Does the reward model know what a list is worth? (simulator ablation)",
     "group_size": "Group size |B| (the paper's Table 2)",
     "scaling": "Scaling with generator size (the paper's Figure 3)",
     "latency": "Latency: GoalRank against Generator-Evaluator",

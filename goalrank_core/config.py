@@ -102,18 +102,22 @@ class RewardConfig:
     ff_mult: int = _help("feed-forward width as a multiple of d_model", 2)
     augment_lists: int = _help(
         "extra training lists per request mixing shown items with unshown candidates (label 0), "
-        "so the model can score lists that were never logged", 1)
+        "so the model can score lists that were never logged (0 = off: an unshown candidate is not a "
+        "known negative, and labelling it 0 teaches the model that a list is good when it looks logged)", 0)
     group_lists: int = _help(
         "lists per training request drawn from the group proposers' lists (auxiliary policies and "
         "supervised-generator samples), labelled from the log (unshown = 0), so the model learns to "
-        "rank the kind of lists it will score (0 = off; > 0 fits the policies before the reward model)", 4)
+        "rank the kind of lists it will score (0 = off, the default: labelling their unshown items 0 is "
+        "exposure bias; > 0 fits the policies before the reward model)", 0)
     context_layers: int = _help(
         "Transformer layers over [user, all N candidates] before the list is encoded, so each list "
-        "item is judged against the whole candidate set, as the generator sees it (0 = off)", 2)
+        "item is judged against the whole candidate set, as the generator sees it (0 = off: as good on "
+        "the simulator at a tenth of the cost)", 0)
     init_from_supervised: bool = _help(
         "start the reward model's embeddings and context layers from the supervised generator's "
         "embeddings and encoder (as RLHF reward models start from the SFT model), when their shapes "
-        "match (same d_model, n_heads, ff_mult, and context_layers == generator.n_layers)", True)
+        "match (same d_model, n_heads, ff_mult, and context_layers == generator.n_layers); off by "
+        "default: that generator learnt the logged positives, the very bias the reward model must not copy)", False)
     list_weight: float = _help(
         "weight of the list-ranking term beside the BCE: within each training request, the model's "
         "own pi_ref over its labelled lists (normalised scores, softmax) is fitted to the pi_ref of "
@@ -157,7 +161,9 @@ class GroupConfig:
         "training groups only, never used to rank", True)
     search_lists: bool = _help(
         "put a list built by greedy search under the reward model (goalrank_core/search.py) in each "
-        "training group: the one proposal that can beat every proposer; training only, never served", True)
+        "training group, the one proposal that could beat every proposer; training only, never served. "
+        "Off by default: on the simulator the search exploits the reward model's errors (its lists are "
+        "worth less than the reward model's pick among the proposers: docs/results.md)", False)
     search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
                                   "reward model's one-item score (0 = all N)", 0)
 
@@ -175,7 +181,7 @@ class TrainConfig:
     """Optimisation settings shared by every trained model."""
 
     epochs: int = _help("epochs of generator training per round", 2)
-    reward_epochs: int = _help("epochs of reward-model training", 3)
+    reward_epochs: int = _help("epochs of reward-model training (best epoch on valid kept)", 8)
     aux_epochs: int = _help("epochs of the neural auxiliary policies", 3)
     batch_size: int = _help("requests per batch (per worker under DDP)", 256)
     lr: float = _help("AdamW learning rate", 2e-3)

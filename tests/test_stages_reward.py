@@ -92,6 +92,7 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
     """A worker's batch (its shard's rows, proposals column attached) gives exactly the core
     training step's loss: pick_lists, then reward_loss with the list term, from one generator."""
     from goalrank_core.fit import encode
+    from goalrank_core.reward_model import request_folds
     from goalrank_core.trainer import pick_lists, reward_loss
     from tasks import storage
     from tasks.reward import PROPOSALS, RewardSpec, _proposals
@@ -109,7 +110,9 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
     gen = torch.Generator().manual_seed(3)
     batch = encode(spec.bundle, table).batch(slice(None))
     extra = pick_lists(torch.from_numpy(proposals_array(table.column(PROPOSALS))), 2, gen)
-    want = reward_loss(model, batch, cfg.reward.augment_lists, gen, extra, cfg.reward.list_weight)
+    folds = args[-1]  # cross-fitting: the rows' folds, from their request ids
+    assert torch.equal(folds, torch.from_numpy(request_folds(table.column("request_id").to_pylist(), cfg.reward.folds)))
+    want = reward_loss(model, batch, cfg.reward.augment_lists, gen, extra, cfg.reward.list_weight, folds)
     assert torch.equal(got, want)
     assert not torch.equal(got, reward_loss(model, batch, cfg.reward.augment_lists, torch.Generator().manual_seed(3)))
 
