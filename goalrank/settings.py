@@ -123,6 +123,8 @@ TUNING_ENV_VARS: dict[str, str] = {
     "GOALRANK_WORKER_MALLOC": "0 starts Ray's workers without the glibc malloc settings of tasks/ray_runtime.py (default on)",
     "GOALRANK_S3_MAX_ATTEMPTS": "attempts of each S3 request inside the client before a stage fails (default 6)",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "a local Ray binds to 127.0.0.1 only unless this is 1 (default 0)",
+    "RAY_API_SERVER_ADDRESS": "set by tasks/ray_runtime.py when GOALRANK_RAY_DASHBOARD=1: the local dashboard "
+                              "that Ray's State API client (and Ray Train's controller checks) should ask",
 }
 
 

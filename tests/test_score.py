@@ -119,6 +119,7 @@ def test_request_index_takes_rows_in_order_and_names_a_missing_id(world):
 def test_score_batch_matches_scoring_each_request_alone(world):
     from goalrank_core.fit import encode
     from goalrank_core.group import reference_policy
+    from goalrank_core.reward_model import request_folds
     from tasks.score import score_batch
 
     cfg, bundle, groups = world["cfg"], world["bundle"], world["groups"]
@@ -132,8 +133,9 @@ def test_score_batch_matches_scoring_each_request_alone(world):
         lists = row.column("lists").to_pylist()[0]
         enc = encode(bundle, index.take(row.column("request_id")))
         pos, _ = _loop_positions(enc, [lists], len(lists))
+        folds = torch.from_numpy(request_folds(enc.request_id, cfg.reward.folds))  # the held-out member
         with torch.no_grad():
-            r = reward.score(enc.batch(slice(None)), torch.from_numpy(pos))  # (1, G)
+            r = reward.score(enc.batch(slice(None)), torch.from_numpy(pos), folds)  # (1, G)
         pi = reference_policy(r, torch.ones_like(r, dtype=torch.bool), cfg.group.tau, cfg.group.eps)
         assert len(rewards[i]) == len(lists) == len(pis[i])
         np.testing.assert_allclose(rewards[i], r[0].numpy(), rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ def test_group_lists_without_policies_is_a_config_error(tmp_path):
     from tasks.reward import train_reward_model
 
     with pytest.raises(ConfigError, match="reward.group_lists"):
-        train_reward_model(str(tmp_path / "p"), None, str(tmp_path / "r"), GoalRankConfig())
+        train_reward_model(str(tmp_path / "p"), None, str(tmp_path / "r"), GoalRankConfig().override({"reward.group_lists": 2}))
 
 
 @pytest.fixture(scope="module")
