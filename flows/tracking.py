@@ -151,6 +151,14 @@ def log_stage(stage: str, summary: dict[str, Any]) -> None:
     """Per-stage timing/memory/rows as metrics, and the stage's per-epoch history."""
     numbers = {f"stage.{stage}.{k}": float(v) for k, v in summary.items()
                if k in ("wall_s", "peak_mb", "rows") and v is not None}
+    # The score stage's loop diagnostics (goalrank_core/diagnostics.py): group size, spread,
+    # effective size, and per policy its share of lists, of best lists and of pi_ref's mass.
+    diag = (summary.get("manifest") or {}).get("diagnostics") or {}
+    for k, v in diag.items():
+        if isinstance(v, dict):
+            numbers.update({f"loop.{stage}.{k}.{p}": float(x) for p, x in v.items()})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers[f"loop.{stage}.{k}"] = float(v)
     if numbers:
         mlflow.log_metrics({mlflow_key(k): v for k, v in numbers.items()})
     run_id = mlflow.active_run().info.run_id

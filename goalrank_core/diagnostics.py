@@ -99,3 +99,22 @@ def format_round(rnd: int, summary: dict, quality: dict | None = None) -> str:
         line += (f"; reward model vs {quality.get('against', 'reference')}: spearman {quality['spearman']:.3f}, "
                  f"top-1 {quality['top1']:.2f}, top-1 value {quality['top1_value']:.2f} ({quality['groups']} groups)")
     return line
+
+
+def group_summary_table(table) -> dict:
+    """`group_summary` of a SCORED_GROUPS table (pyarrow): lists per row may differ in number."""
+    import pyarrow as pa  # noqa: F401  (the table is a pyarrow.Table)
+
+    pols = table.column("policies").to_pylist()
+    rew, pi = table.column("rewards").to_pylist(), table.column("pi_ref").to_pylist()
+    names = sorted({p for row in pols for p in row})
+    index = {n: i for i, n in enumerate(names)}
+    g = max((len(r) for r in pols), default=0)
+    shape = (len(pols), g)
+    rewards, pi_ref = np.zeros(shape), np.zeros(shape)
+    mask, ids = np.zeros(shape, bool), np.full(shape, -1, np.int64)
+    for r, (p, w, q) in enumerate(zip(pols, rew, pi)):
+        k = len(p)
+        rewards[r, :k], pi_ref[r, :k], mask[r, :k] = w, q, True
+        ids[r, :k] = [index[x] for x in p]
+    return group_summary(rewards, pi_ref, mask, ids, names)

@@ -103,7 +103,15 @@ def score(candidates: str, prepared: str, reward_model: str, out: str, config: G
         ops: dict[str, dict] = {}
         rows = write_dataset(scored, storage.join(out, "groups"), SCORED_GROUPS, "scored groups", stats=ops,
                              min_rows_per_file=_ROWS_PER_FILE)
+        # The loop's diagnostics (who fills the groups, who pi_ref learns from), for the log and MLflow.
+        from goalrank_core.diagnostics import group_summary_table
+
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(storage.join(out, "groups"))  # the manifest is not written yet
+        written = pq.read_table(path, filesystem=fs, columns=["policies", "rewards", "pi_ref"])
         return {"tables": {"groups": storage.table_entry(SCORED_GROUPS, rows)},
-                "extra": {"actor_timing": actor_timing(ops, actors, rows, t0)}}
+                "extra": {"actor_timing": actor_timing(ops, actors, rows, t0),
+                          "diagnostics": group_summary_table(written)}}
 
     return run_stage(out, "score", config, inputs, body)
