@@ -323,6 +323,31 @@ def code_version() -> str:
             return "unknown"
 
 
+# The packages whose code computes stage outputs: a change to any of their `*.py` files redoes
+# every stage (the flows, the CLI, docs and tests do not).
+CODE_PACKAGES = ("goalrank_core", "tasks")
+
+
+def source_hash(root: str | Path | None = None) -> str:
+    """A digest of the `*.py` files of CODE_PACKAGES under `root` (default: the checkout or
+    install this code runs from, hashed once per process): their paths relative to `root`,
+    sorted, and their contents. Not the git sha, so a commit that only touches docs changes
+    nothing."""
+    if root is None:
+        return _own_source_hash()
+    root = Path(root)
+    h = hashlib.sha256()
+    files = sorted(p.relative_to(root).as_posix() for pkg in CODE_PACKAGES for p in (root / pkg).rglob("*.py"))
+    for rel in files:
+        h.update(rel.encode() + b"\0" + hashlib.sha256((root / rel).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _own_source_hash() -> str:
+    return source_hash(Path(__file__).resolve().parent.parent)
+
+
 def fingerprint(uri: str | None) -> str | None:
     """What identifies an input's content: a completed stage's own fingerprint, or for raw
     data (impressions, a data folder) a digest of its file names, sizes and times."""
@@ -361,10 +386,11 @@ class StageResult:
 def stage_fingerprint(stage: str, config: Any, inputs: dict[str, str | None],
                       params: dict | None = None) -> tuple[str, dict]:
     """(fingerprint, recorded inputs) of a stage run: equal fingerprints mean the same stage,
-    config hash, parameters and input contents, so the earlier output can be reused."""
+    config hash, parameters, input contents and code (`source_hash`), so the earlier output
+    can be reused."""
     ins = {k: {"uri": normalize(v) if v else None, "fingerprint": fingerprint(v)} for k, v in sorted(inputs.items())}
-    key = json.dumps({"stage": stage, "config_hash": config.hash(), "inputs": ins, "params": dict(params or {})},
-                     sort_keys=True, default=str)
+    key = json.dumps({"stage": stage, "config_hash": config.hash(), "inputs": ins, "params": dict(params or {}),
+                      "code": source_hash()}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16], ins
 
 
@@ -377,7 +403,7 @@ def run_stage(
     params: dict | None = None,
 ) -> StageResult:
     """Run `body(out)` unless `out` already holds a complete result of the same stage, config
-    hash, parameters and inputs.
+    hash, parameters, inputs and code (the `*.py` of goalrank_core/ and tasks/).
 
     `body` writes tables/models under `out` and returns `{"tables": {rel: table_entry}, ...}`;
     the keys of "extra" and any other keys are copied into the manifest, "memory" is merged
@@ -396,7 +422,7 @@ def run_stage(
         return StageResult(out, existing, True)
     if existing is not None:
         delete(manifest_uri(out))  # first: from here on nothing in `out` is readable
-        print(f"[{stage}] {out} holds another config or other inputs: redoing it", flush=True)
+        print(f"[{stage}] {out} holds another config, other inputs or older code: redoing it", flush=True)
     elif exists(out):
         print(f"[{stage}] {out} has no manifest (interrupted run): clearing and redoing it", flush=True)
     delete(out)

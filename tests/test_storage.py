@@ -36,6 +36,15 @@ def _writer(table: pa.Table, seen: dict | None = None):
     return body
 
 
+def _counted(calls: list[str]):
+    """A stage body writing `_ranked()` that appends its output URI to `calls`."""
+    def body(o):
+        calls.append(o)
+        return _writer(_ranked())(o)
+
+    return body
+
+
 def test_stage_uri_layout_and_bad_names(tmp_path):
     assert stage_uri("s3://b/p/", "ml-100k", "2024-01-02", "prepare") == "s3://b/p/ml-100k/2024-01-02/prepare"
     local = stage_uri(str(tmp_path / "a"), "ds", "run1", "score")
@@ -109,12 +118,8 @@ def test_manifest_is_written_last_and_holds_provenance(tmp_path):
 
 def test_rerun_skips_and_changes_redo(root):
     out = stage_uri(root, "ds", "run", "stage")
-    calls = []
-
-    def body(o):
-        calls.append(o)
-        return _writer(_ranked())(o)
-
+    calls: list[str] = []
+    body = _counted(calls)
     cfg = GoalRankConfig()
     first = run_stage(out, "stage", cfg, {}, body)
     again = run_stage(out, "stage", cfg, {}, body)
@@ -234,3 +239,39 @@ def test_in_order_follows_goalrank_data_ordered(ray_session, monkeypatch):
     assert in_order(ray.data.range(3)).context.execution_options.preserve_order is True
     monkeypatch.setenv("GOALRANK_DATA_ORDERED", "0")
     assert in_order(ray.data.range(3)).context.execution_options.preserve_order is False
+
+
+def test_code_change_redoes_stage_doc_change_skips(tmp_path, monkeypatch):
+    """Issue 17: the fingerprint covers the *.py of goalrank_core/ and tasks/ (a copy of them
+    here), by content and relative path; a doc next to them changes nothing."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(storage.__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    for pkg in storage.CODE_PACKAGES:
+        shutil.copytree(repo / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    hash_of = storage.source_hash
+    assert hash_of(src) == hash_of()  # relative paths and contents only: the copy hashes as the checkout
+    monkeypatch.setattr(storage, "source_hash", lambda root=None: hash_of(src))
+
+    out = stage_uri(str(tmp_path / "artifacts"), "ds", "run", "stage")
+    calls: list[str] = []
+    body = _counted(calls)
+    cfg = GoalRankConfig()
+    first = run_stage(out, "stage", cfg, {}, body)
+    assert not first.skipped and run_stage(out, "stage", cfg, {}, body).skipped
+    # Only docs changed (a new .md, an edited non-.py file): skipped, same fingerprint.
+    (src / "goalrank_core" / "NOTES.md").write_text("a note\n")
+    (src / "README.md").write_text("docs only\n")
+    again = run_stage(out, "stage", cfg, {}, body)
+    assert again.skipped and again.manifest["fingerprint"] == first.manifest["fingerprint"] and len(calls) == 1
+    # A source file changed: redone, with another fingerprint; then skipped again.
+    edited = src / "tasks" / "storage.py"
+    edited.write_text(edited.read_text() + "\n# a code fix\n")
+    redone = run_stage(out, "stage", cfg, {}, body)
+    assert not redone.skipped and redone.manifest["fingerprint"] != first.manifest["fingerprint"]
+    assert run_stage(out, "stage", cfg, {}, body).skipped and len(calls) == 2
+    # A new source file counts too.
+    (src / "goalrank_core" / "extra.py").write_text("X = 1\n")
+    assert not run_stage(out, "stage", cfg, {}, body).skipped and len(calls) == 3
