@@ -4,8 +4,7 @@ prepare -> train_policies -> train_reward_model (on the policies' lists, as the 
 -> rounds x (generate_candidates -> score -> train_generator) -> evaluate -> track_and_register
 -> promote.
 
-Each stage task is a thin wrapper over the stage function in `tasks/stages.py` (looked up at
-call time), retried with exponential backoff only when the failure is transient (storage or
+Each stage task is a thin wrapper over the stage function in `tasks/stages.py`, retried with exponential backoff only when the failure is transient (storage or
 network I/O, a lost Ray worker or connection); a validation error fails at once. The stages
 themselves skip work whose manifest matches, so a retry or a rerun of the same run id redoes
 only what did not complete, and the registry finds the run's version by tag instead of
@@ -13,7 +12,6 @@ registering it twice.
 """
 from __future__ import annotations
 
-import importlib
 import re
 import time
 from datetime import datetime, timezone
@@ -28,6 +26,10 @@ from prefect.tasks import exponential_backoff
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from flows import console, daily_ops
+from flows.settings import resolve_settings
+from tasks import stages
+from tasks.partitions import is_partitioned
+from tasks.storage import join, parent, read_table, stage_uri
 
 FLOW_NAME = "goalrank-daily"
 GOALRANK_POLICY = "goalrank"  # policy name of the trained generator in the METRICS table
@@ -74,18 +76,6 @@ def retry_if_transient(task_obj, task_run, state) -> bool:
             print(f"[{task_run.name}] not retried: {type(exc).__name__}: {exc}", flush=True)
         return transient
     return False
-
-
-def _stages():
-    return importlib.import_module("tasks.stages")
-
-
-def _storage():
-    return importlib.import_module("tasks.storage")
-
-
-def _partitions():
-    return importlib.import_module("tasks.partitions")
 
 
 # ---------------------------------------------------------------- stage tasks
@@ -135,10 +125,11 @@ def _artifact(label: str, run_id: str, s: dict[str, Any]) -> None:
     create_markdown_artifact("\n".join(lines), key=key, description=f"{label} of run {run_id}")
 
 
-def _run_stage(label: str, run_id: str, fn_name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def _run_stage(label: str, run_id: str, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run the stage function `fn(*args, **kwargs)` with its progress line and artifact."""
     console.begin(label)
     t0 = time.time()
-    result = getattr(_stages(), fn_name)(*args, **kwargs)
+    result = fn(*args, **kwargs)
     s = _summary(label, result, time.time() - t0)
     _artifact(label, run_id, s)
     console.done(label, console.stage_detail(s), s["wall_s"])
@@ -167,48 +158,47 @@ _TASK_OPTS = dict(
 
 @task(name="prepare", task_run_name="prepare · {run_id}", **_TASK_OPTS)
 def prepare_task(run_id: str, source: dict, out: str, config: dict) -> dict:
-    stages = _stages()
-    return _run_stage("prepare", run_id, "prepare", stages.DataSource(**source), out, GoalRankConfig.from_dict(config))
+    return _run_stage("prepare", run_id, stages.prepare, stages.DataSource(**source), out, GoalRankConfig.from_dict(config))
 
 
 @task(name="train_policies", task_run_name="train_policies · {run_id}", **_TASK_OPTS)
 def train_policies_task(run_id: str, prepared: str, out: str, config: dict) -> dict:
-    return _run_stage("train_policies", run_id, "train_policies", prepared, out, GoalRankConfig.from_dict(config))
+    return _run_stage("train_policies", run_id, stages.train_policies, prepared, out, GoalRankConfig.from_dict(config))
 
 
 @task(name="train_reward_model", task_run_name="train_reward_model · {run_id}", **_TASK_OPTS)
 def train_reward_model_task(run_id: str, prepared: str, policies: str, out: str, config: dict,
                             init: str | None = None) -> dict:
     kw = {"init": init} if init else {}  # warm start (flows/daily_ops.py)
-    return _run_stage("train_reward_model", run_id, "train_reward_model", prepared, policies, out,
+    return _run_stage("train_reward_model", run_id, stages.train_reward_model, prepared, policies, out,
                       GoalRankConfig.from_dict(config), **kw)
 
 
 @task(name="generate_candidates", task_run_name="generate_candidates r{round} · {run_id}", **_TASK_OPTS)
 def generate_candidates_task(run_id: str, round: int, prepared: str, policies: str, generator: str | None,
                              out: str, config: dict) -> dict:
-    return _run_stage(f"generate_candidates r{round}", run_id, "generate_candidates", prepared, policies,
+    return _run_stage(f"generate_candidates r{round}", run_id, stages.generate_candidates, prepared, policies,
                       generator, out, GoalRankConfig.from_dict(config), round=round)
 
 
 @task(name="score", task_run_name="score r{round} · {run_id}", **_TASK_OPTS)
 def score_task(run_id: str, round: int, candidates: str, prepared: str, reward_model: str, out: str,
                config: dict) -> dict:
-    return _run_stage(f"score r{round}", run_id, "score", candidates, prepared, reward_model, out,
+    return _run_stage(f"score r{round}", run_id, stages.score, candidates, prepared, reward_model, out,
                       GoalRankConfig.from_dict(config))
 
 
 @task(name="train_generator", task_run_name="train_generator r{round} · {run_id}", **_TASK_OPTS)
 def train_generator_task(run_id: str, round: int, scored: str, prepared: str, init: str | None, out: str,
                          config: dict) -> dict:
-    return _run_stage(f"train_generator r{round}", run_id, "train_generator", scored, prepared, init, out,
+    return _run_stage(f"train_generator r{round}", run_id, stages.train_generator, scored, prepared, init, out,
                       GoalRankConfig.from_dict(config))
 
 
 @task(name="evaluate", task_run_name="evaluate · {run_id}", **_TASK_OPTS)
 def evaluate_task(run_id: str, prepared: str, reward_model: str, policies: str, generator: str, out: str,
                   config: dict) -> dict:
-    return _run_stage("evaluate", run_id, "evaluate", prepared, reward_model, policies, generator, out,
+    return _run_stage("evaluate", run_id, stages.evaluate, prepared, reward_model, policies, generator, out,
                       GoalRankConfig.from_dict(config))
 
 
@@ -219,7 +209,7 @@ def read_metrics(evaluate_uri: str, manifest: dict) -> Any:
 
     tables = list((manifest.get("tables") or {}).keys())
     name = "metrics" if "metrics" in tables else next((t for t in tables if "metric" in t), tables[0] if tables else "")
-    return _storage().read_table(_storage().join(evaluate_uri, name), METRICS, f"evaluate metrics {evaluate_uri}")
+    return read_table(join(evaluate_uri, name), METRICS, f"evaluate metrics {evaluate_uri}")
 
 
 def data_version(prepare_manifest: dict) -> str:
@@ -242,7 +232,7 @@ def bundle_uri(summary: dict) -> str:
     """The model bundle a training stage saved (`models` in its manifest, e.g. `{out}/model`)."""
     models = summary["manifest"].get("models") or {}
     name = "model" if "model" in models else next(iter(models), None)
-    return _storage().join(summary["uri"], name) if name else summary["uri"]
+    return join(summary["uri"], name) if name else summary["uri"]
 
 
 def metric_values(metrics_table: Any, policy: str = GOALRANK_POLICY) -> dict[str, float]:
@@ -259,7 +249,7 @@ def _request_example(prepared: str, manifest: dict, n: int = 3) -> Any:
     name = next((t for t in ("test", "valid", "train") if t in tables), None)
     if name is None:
         name = next(t for t in tables if any(s in t for s in ("test", "valid", "train")))
-    table = _storage().read_table(_storage().join(prepared, name), None, f"prepared {name}", columns=REQUEST_COLUMNS)
+    table = read_table(join(prepared, name), None, f"prepared {name}", columns=REQUEST_COLUMNS)
     return table.slice(0, n).to_pandas()
 
 
@@ -300,7 +290,7 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
         mv, created = registry.register(
             client, model_name, source, run.info.run_id, run_id, cfg.hash(), values,
             tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
-                  "goalrank.storage_prefix": tracking.redact_uri(_storage().parent(prep["uri"])), **(extra_tags or {})},
+                  "goalrank.storage_prefix": tracking.redact_uri(parent(prep["uri"])), **(extra_tags or {})},
         )
         return {"mlflow_run_id": run.info.run_id, "version": str(mv.version), "created": created,
                 "data_version": dv, "metrics": metrics.to_pylist()}
@@ -326,7 +316,7 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
         from goalrank_core.ranking import rank
 
         bundle = tracking.load_bundle_from(f"models:/{model_name}/{champ.version}", tracking_uri)
-        truth = _storage().read_table(_storage().join(uris["prepared"], "valid"), None, "validation split")
+        truth = read_table(join(uris["prepared"], "valid"), None, "validation split")
         ranked = rank(bundle, truth.drop_columns(["shown", "labels"]), GOALRANK_POLICY, seed=cfg.train.seed)
         k = int(metric.rsplit("@", 1)[1])
         value = evaluate_lists(ranked, truth, ks=(k,), seed=cfg.train.seed)[metric].value
@@ -348,14 +338,13 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
 # ---------------------------------------------------------------- the flow
 def flow_settings(**given: Any) -> dict[str, str]:
     """Storage, tracking URI, experiment, model name and data dir: the flow's parameters
-    where given, else goalrank.settings (env > defaults under the working folder)."""
-    from goalrank.settings import resolve_settings
-
+    where given, else flows.settings (env > defaults under the working folder)."""
     st = resolve_settings(cli=given)
     return {k: getattr(st, k) for k in ("storage", "tracking_uri", "experiment", "model_name", "data_dir")}
 
 
-def _resolve(config: dict | None, overrides: dict | None) -> GoalRankConfig:
+def resolve_config(config: dict | None, overrides: dict | None) -> GoalRankConfig:
+    """The flow's config: a full config mapping (default: the defaults) with dotted overrides."""
     cfg = GoalRankConfig.from_dict(config or {})
     return cfg.override(dict(overrides or {})) if overrides else cfg
 
@@ -407,7 +396,7 @@ def goalrank_daily(
             raise ConfigError("give exactly one of dataset or impressions")
         s = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
                           model_name=model_name, data_dir=data_dir)
-        cfg = _resolve(config, overrides)
+        cfg = resolve_config(config, overrides)
         run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
         from goalrank_core.partitions import parse_date
 
@@ -425,11 +414,11 @@ def goalrank_daily(
         raise
     metric = promotion_metric or f"ndcg@{cfg.protocol.slate_len}"
     c = cfg.to_dict()
-    uri = lambda stage: _storage().stage_uri(s["storage"], name, run_id, stage)  # noqa: E731
+    uri = lambda stage: stage_uri(s["storage"], name, run_id, stage)  # noqa: E731
 
     source = {"dataset": dataset, "impressions": impressions, "items": items, "data_dir": s["data_dir"]}
     window = None
-    partitioned = impressions is not None and _partitions().is_partitioned(impressions)
+    partitioned = impressions is not None and is_partitioned(impressions)
     # Stages: [gates], prepare, warm start, policies, reward model, rounds x 3, evaluate,
     # register, promote.
     console.start(int(partitioned) + 7 + 3 * cfg.group.rounds)

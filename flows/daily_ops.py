@@ -1,6 +1,6 @@
 """Daily operations around the `goalrank-daily` flow: the window and data gates of a run on
 date-partitioned impressions, the warm start from the champion, the run record that marks a
-dated run complete, and backfill over a range of dates.
+dated run complete (which flows/backfill.py reads to skip completed dates).
 
 Warm start: once a run's data is prepared, the current champion's generator (its registered
 ranker) and reward model (the reward stage of the champion's run, found through its
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -215,7 +215,7 @@ def warm_tags(warm: dict, run_date: str, window: dict | None) -> dict[str, str]:
     return tags
 
 
-# ---------------------------------------------------------------- run record and backfill
+# ---------------------------------------------------------------- run record
 def record_uri(storage_uri: str, dataset: str, run_id: str) -> str:
     from tasks.storage import stage_uri
 
@@ -237,33 +237,3 @@ def completed(storage_uri: str, dataset: str, run_id: str, config_hash: str) -> 
 
     m = storage.read_manifest(record_uri(storage_uri, dataset, run_id))
     return m if m is not None and m.get("config_hash") == config_hash else None
-
-
-def backfill(dates: list[date], params: dict[str, Any], run: Callable[..., dict] | None = None,
-             log: Callable[[str], None] = print) -> list[dict]:
-    """Run the daily flow for each date in order (run id = the date), skipping dates whose run
-    record exists with the same config hash. Stops at the first failure (later days would
-    warm-start from, and be compared with, a history that has a hole). -> one row per date."""
-    from flows.daily import _resolve, dataset_name, flow_settings
-
-    if run is None:
-        from flows.daily import goalrank_daily as run
-    cfg = _resolve(params.get("config"), params.get("overrides"))
-    s = flow_settings(storage=params.get("storage"), tracking_uri=params.get("tracking_uri"),
-                      experiment=params.get("experiment"), model_name=params.get("model_name"),
-                      data_dir=params.get("data_dir"))
-    name = dataset_name(params.get("dataset"), params.get("impressions"))
-    rows = []
-    for d in dates:
-        day = d.isoformat()
-        done = completed(s["storage"], name, day, cfg.hash())
-        if done is not None:
-            log(f"[backfill] {day}: complete (version {done.get('version')}), skipped")
-            rows.append({"date": day, "ran": False, "version": done.get("version")})
-            continue
-        log(f"[backfill] {day}: running the daily flow")
-        summary = run(**{**params, "run_date": day, "run_id": day})
-        rows.append({"date": day, "ran": True, "version": summary.get("registered_version"),
-                     "promoted": (summary.get("decision") or {}).get("promoted"),
-                     "warm_start": (summary.get("warm_start") or {}).get("warm")})
-    return rows

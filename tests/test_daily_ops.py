@@ -185,7 +185,7 @@ def test_bad_partition_stops_before_training_champion_untouched(daily, case):
 
 @pytest.mark.slow  # builds on the slow window test's two completed dates
 def test_backfill_skips_completed_dates(daily, prefect_harness, monkeypatch, capsys):
-    from flows.daily_ops import backfill
+    from flows.backfill import backfill
     from goalrank.cli import main
 
     done = [d for d in ("2023-11-19", "2023-11-20")
@@ -218,7 +218,7 @@ def test_backfill_skips_completed_dates(daily, prefect_harness, monkeypatch, cap
 def test_backfill_three_days_then_nothing(tmp_path, prefect_harness, ray_session, monkeypatch):
     from mlflow import MlflowClient
 
-    from flows.daily_ops import backfill
+    from flows.backfill import backfill
 
     monkeypatch.setenv("GOALRANK_DATA_ACTORS", "1")
     w = _world(tmp_path)

@@ -1,6 +1,6 @@
 """The production manifests cannot run here (no Docker engine, no cluster), so check what can
 be checked statically: they parse, every image is pinned, every process that runs goalrank
-code gets every variable goalrank.settings says a deployment needs, URLs point at ports the
+code gets every variable flows.settings says a deployment needs, URLs point at ports the
 target service really listens on, published ports bind to loopback, and no secret is written
 into a manifest or onto a command line."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from goalrank.settings import DEPLOY_ENV_VARS, SECRET_ENV_VARS, resolve_settings
+from flows.settings import DEPLOY_ENV_VARS, SECRET_ENV_VARS, resolve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from goalrank.cli import main
-from goalrank.settings import (
+from flows.settings import (
     DEPLOY_ENV_VARS,
     ENV_ALIASES,
     ENV_VARS,
@@ -221,5 +221,5 @@ def test_every_variable_the_code_reads_is_declared_in_settings():
                 read.setdefault(m.group(1) or m.group(2), str(path.relative_to(ROOT)))
     assert "GOALRANK_DATA_DIR" in read  # the scan finds what it should
     undeclared = {v: f for v, f in read.items() if v not in declared and v not in _EXTERNAL}
-    assert not undeclared, f"declare these in goalrank/settings.py (Settings or TUNING_ENV_VARS): {undeclared}"
+    assert not undeclared, f"declare these in flows/settings.py (Settings or TUNING_ENV_VARS): {undeclared}"
     assert set(DEPLOY_ENV_VARS) <= set(ENV_VARS.values())

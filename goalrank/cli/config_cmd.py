@@ -7,7 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
-    from goalrank.settings import add_settings_flags
+    from flows.settings import add_settings_flags
 
     parser = subparsers.add_parser("config", help="show the effective configuration")
     sub = parser.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 def _show(args: argparse.Namespace) -> int:
     import os
 
-    from goalrank.settings import ENV_VARS, TUNING_ENV_VARS, cli_values, load
+    from flows.settings import ENV_VARS, TUNING_ENV_VARS, cli_values, load
 
     settings, model = load(args.config, cli_values(args))
     masked = settings.masked()

@@ -78,7 +78,7 @@ def _rank(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.model.startswith(("models:/", "runs:/")):  # a registered model, e.g. models:/goalrank@champion
         from flows.tracking import load_bundle_from
-        from goalrank.settings import resolve_settings
+        from flows.settings import resolve_settings
 
         bundle = load_bundle_from(args.model, resolve_settings().tracking_uri)
     else:

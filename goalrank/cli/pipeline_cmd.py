@@ -3,7 +3,7 @@ registry's promotion by hand, and the daily flow over a range of dates.
 
 `run` needs no server: with no PREFECT_API_URL, Prefect starts a temporary local server whose
 database lives under the workspace (PREFECT_HOME), Ray starts locally, MLflow writes a
-SQLite store under the workspace and storage is a local folder (goalrank.settings).
+SQLite store under the workspace and storage is a local folder (flows.settings).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     so a bad config fails before anything starts. A setting holding a credential (a password
     inside a tracking URI) is left out: the flow reads it from the environment itself, so it
     never becomes a Prefect parameter."""
-    from goalrank.settings import load_config_file, mask_uri, resolve_settings
+    from flows.settings import load_config_file, mask_uri, resolve_settings
     from goalrank_core.config import GoalRankConfig
 
     file_settings, model = load_config_file(args.config)
@@ -228,7 +228,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise ConfigError("backfill sets the run date and run id of each run to the date; drop --run-id/--run-date")
     params = flow_parameters(args)
     _use_local_prefect(_workspace())
-    from flows.daily_ops import backfill
+    from flows.backfill import backfill
 
     rows = backfill(date_range(first, last), params)
     ran = [r["date"] for r in rows if r["ran"]]
@@ -264,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from goalrank.settings import load_config_file, resolve_settings
+    from flows.settings import load_config_file, resolve_settings
     from goalrank_core.config import GoalRankConfig
 
     file_settings, model = load_config_file(args.config)
