@@ -21,12 +21,22 @@ def make(l: int = 4, seed: int = 0) -> RewardModel:
 def test_item_probability_changes_with_its_neighbours():
     b = random_batch(b=2, n=10, l=4)
     model = make()
+    assert model.cfg.causal  # the default: a top-down reader
     a = torch.tensor([[[0, 1, 2, 3]], [[0, 1, 2, 3]]])
-    c = torch.tensor([[[0, 5, 6, 7]], [[0, 5, 6, 7]]])  # same item first, other neighbours
+    c = torch.tensor([[[5, 6, 7, 3]], [[5, 6, 7, 3]]])  # same item last, other items above it
+    later = torch.tensor([[[0, 5, 6, 7]], [[0, 5, 6, 7]]])  # same item first, other items below it
     with torch.no_grad():
-        pa_, pc_ = model.click_probs(b, a)[:, 0, 0], model.click_probs(b, c)[:, 0, 0]
+        pa_, pc_ = model.click_probs(b, a)[:, 0], model.click_probs(b, c)[:, 0]
+        pl_ = model.click_probs(b, later)[:, 0]
     # Random weights give a small effect (~1e-4); a model blind to neighbours differs by float noise only.
-    assert (pa_ - pc_).abs().min() > 1e-6
+    assert (pa_[:, 3] - pc_[:, 3]).abs().min() > 1e-6
+    assert torch.allclose(pa_[:, 0], pl_[:, 0], atol=1e-6)  # causal: what comes below does not count
+    torch.manual_seed(0)
+    both = RewardModel(RewardConfig(**{**CFG.__dict__, "causal": False}), n_items=40, n_users=10, n_categories=4,
+                       slate_len=4).eval()
+    with torch.no_grad():
+        diff = both.click_probs(b, a)[:, 0, 0] - both.click_probs(b, later)[:, 0, 0]
+    assert diff.abs().min() > 1e-6  # non-causal: the items below count too
 
 
 def test_score_is_dcg_weighted_sum_and_any_list_is_scored():

@@ -142,7 +142,8 @@ def test_reward_worker_starts_from_the_supervised_generator_as_fit_does(stages):
     prep, pol = stages["prepare"], stages["policies"]
     sup = load_bundle(storage.join(pol.uri, "model"), "policies").require("supervised")
     for ctx, expect in ((1, True), (2, False)):  # fit.init_reward: only when the encoder shapes match
-        cfg = stages["cfg"].override({"reward.context_layers": ctx})
+        cfg = stages["cfg"].override({"reward.context_layers": ctx, "reward.init_from_supervised": True,
+                                      "reward.folds": 1})  # one model, so its embeddings are the start's
         model = RewardSpec(cfg.to_dict(), storage.normalize(prep.uri), policies=storage.normalize(pol.uri)).setup(1)
         got = model.embed.state_dict()
         same = all(torch.equal(v, got[k]) for k, v in sup.embed.state_dict().items())
