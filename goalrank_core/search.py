@@ -21,11 +21,6 @@ from torch import nn
 from goalrank_core.batch import RequestBatch
 
 
-def _member_scores(reward: nn.Module, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None) -> torch.Tensor:
-    """(B, G, T) partial lists -> (B, G) list scores (held-out member per row when `folds`)."""
-    return reward.score(batch, lists, folds)
-
-
 @torch.no_grad()
 def greedy_search(reward: nn.Module, batch: RequestBatch, length: int, folds: torch.Tensor | None = None,
                   shortlist: int = 0, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,7 +41,7 @@ def greedy_search(reward: nn.Module, batch: RequestBatch, length: int, folds: to
             enough = (allowed & valid).sum(1, keepdim=True) >= min(length, n)  # (B, 1)
             valid = torch.where(enough, allowed & valid, valid)
         if 0 < shortlist < n:
-            solo = _member_scores(reward, batch, cand[:, :, None], folds)  # (B, N) one-item lists
+            solo = reward.score(batch, cand[:, :, None], folds)  # (B, N) one-item lists
             solo = solo.masked_fill(~valid, float("-inf"))
             keep = solo.topk(shortlist, dim=1).indices  # (B, S)
             cand, valid = keep, valid.gather(1, keep)
@@ -56,7 +51,7 @@ def greedy_search(reward: nn.Module, batch: RequestBatch, length: int, folds: to
         rows = torch.arange(b, device=dev)
         for _ in range(min(length, n)):
             trial = torch.cat([chosen[:, None, :].expand(b, s, -1), cand[:, :, None]], dim=2)  # (B, S, t + 1)
-            val = _member_scores(reward, batch, trial, folds).masked_fill(taken, float("-inf"))  # (B, S)
+            val = reward.score(batch, trial, folds).masked_fill(taken, float("-inf"))  # (B, S)
             pick = val.argmax(1)  # (B,)
             chosen = torch.cat([chosen, cand[rows, pick][:, None]], dim=1)
             taken[rows, pick] = True

@@ -21,7 +21,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
 from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
-from goalrank_core.reward_model import member_bce, request_folds
+from goalrank_core.reward_model import CrossFitReward, member_bce, request_folds
 
 Log = Callable[[str], None]
 
@@ -202,11 +202,10 @@ def greedy_hit_rate(model: nn.Module, data: EncodedRequests, batch_size: int) ->
 def batch_folds(model: nn.Module, data: EncodedRequests, idx: np.ndarray | slice, device: torch.device | str) -> torch.Tensor | None:
     """(B,) cross-fitting folds of rows `idx` of `data` for a CrossFitReward `model` (None for
     one model): what its loss and its held-out scores are keyed by."""
-    k = getattr(getattr(model, "module", model), "cfg", None)
-    k = getattr(k, "folds", 1) if k is not None else 1
-    if k <= 1 or not hasattr(getattr(model, "module", model), "members"):
+    inner = getattr(model, "module", model)  # DDP wraps in .module
+    if not isinstance(inner, CrossFitReward):
         return None
-    return torch.from_numpy(request_folds(data.request_id[idx], k)).to(device)
+    return torch.from_numpy(request_folds(data.request_id[idx], len(inner.members))).to(device)
 
 
 @torch.no_grad()
