@@ -80,6 +80,25 @@ def test_malformed_files_name_the_file(tmp_path):
         load("amazon-book", tmp_path)
 
 
+def test_prepare_refuses_a_truncated_ml1m_ratings_file(tmp_path, capsys):
+    write_ml1m(tmp_path / "ml-1m")
+    ratings = tmp_path / "ml-1m" / "ratings.dat"
+    ratings.write_bytes(ratings.read_bytes()[:-14])  # a copy cut short inside the 4th record
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--dataset", "ml-1m", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(ratings) in err and "truncated" in err and "line 4" in err and "UserID::MovieID::Rating::Timestamp" in err
+    assert not out.exists()
+
+
+def test_a_bad_ml1m_record_names_the_file_and_layout(tmp_path):
+    write_ml1m(tmp_path / "ml-1m")
+    (tmp_path / "ml-1m" / "ratings.dat").write_text("1::10::5::978300760\n1::20::3\n")
+    with pytest.raises(GoalRankInputError, match=r"ratings.dat: not in the expected `UserID::MovieID::Rating::Timestamp` layout: line 2"):
+        load("ml-1m", tmp_path)
+
+
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("GOALRANK_DATA_DIR", str(tmp_path / "env"))
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
@@ -151,5 +170,7 @@ def test_real_ml100k_and_amazon_book():
     d = load("ml-100k", DATA)
     assert d.ratings.num_rows == 100_000 and d.items.num_rows == 1682
     assert len(set(d.ratings.column("user_id").to_pylist())) == 943
+    m = load("ml-1m", DATA)
+    assert m.ratings.num_rows == 1_000_209 and len(set(m.ratings.column("user_id").to_pylist())) == 6040
     a = load("amazon-book", DATA)
     assert (a.ratings.num_rows, a.test.num_rows) == (652_514, 193_920)

@@ -28,9 +28,25 @@ GENRES = (
 )
 
 
-def _read_ratings(path: Path, data: bytes, sep: str) -> pa.Table:
+def _first_bad_line(data: bytes, sep: str, fields: int) -> tuple[int, str] | None:
+    """(line number, text) of the first non-empty line without `fields` fields (error path only)."""
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if line.strip() and len(line.split(sep.encode())) != fields:
+            return n, line.decode("latin-1")[:60]
+    return None
+
+
+def _read_ratings(path: Path, data: bytes, sep: str, layout: str) -> pa.Table:
+    """`layout` names the publisher's line format for error messages (ML-1M's `::` is read as a tab)."""
     names = ["user_id", "item_id", "rating", "timestamp"]
     types = {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()}
+    # A copy or download cut short ends mid-line: say so, with the line, before parsing.
+    if data and not data.endswith(b"\n"):
+        bad = _first_bad_line(data[data.rfind(b"\n") + 1:], sep, len(names))
+        if bad is not None:
+            line = data.count(b"\n") + 1
+            raise GoalRankInputError(f"{path}: truncated: its last line, line {line:,}, ends mid-record ({bad[1]!r}, "
+                                     f"expected {layout}); re-download or re-extract the file")
     try:
         t = pacsv.read_csv(
             io.BytesIO(data),
@@ -39,7 +55,9 @@ def _read_ratings(path: Path, data: bytes, sep: str) -> pa.Table:
             convert_options=pacsv.ConvertOptions(column_types=types),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise GoalRankInputError(f"{path}: not in the expected `user{sep}item{sep}rating{sep}timestamp` layout: {exc}") from exc
+        bad = _first_bad_line(data, sep, len(names))
+        where = f"line {bad[0]:,} ({bad[1]!r})" if bad else str(exc).splitlines()[0]
+        raise GoalRankInputError(f"{path}: not in the expected {layout} layout: {where}") from exc
     if t.num_rows == 0:
         raise GoalRankInputError(f"{path}: no ratings")
     for name in names:
@@ -51,7 +69,7 @@ def _read_ratings(path: Path, data: bytes, sep: str) -> pa.Table:
 
 def load_ml100k(folder: Path) -> RawData:
     folder = Path(folder)
-    ratings = _read_ratings(folder / "u.data", (folder / "u.data").read_bytes(), "\t")
+    ratings = _read_ratings(folder / "u.data", (folder / "u.data").read_bytes(), "\t", "`user<TAB>item<TAB>rating<TAB>timestamp`")
     ids, cats = [], []
     for n, line in enumerate((folder / "u.item").read_bytes().decode("latin-1").splitlines(), 1):
         if not line.strip():
@@ -70,7 +88,7 @@ def load_ml1m(folder: Path) -> RawData:
     folder = Path(folder)
     # `::` is two characters; pyarrow's CSV reader takes one, so swap it for a tab first.
     raw = (folder / "ratings.dat").read_bytes().replace(b"::", b"\t")
-    ratings = _read_ratings(folder / "ratings.dat", raw, "\t")
+    ratings = _read_ratings(folder / "ratings.dat", raw, "\t", "`UserID::MovieID::Rating::Timestamp`")
     code = {g: i + 1 for i, g in enumerate(GENRES)}
     ids, cats = [], []
     for n, line in enumerate((folder / "movies.dat").read_bytes().decode("latin-1").splitlines(), 1):
