@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = GoalRankConfig().override({"protocol.max_users": max_users, **mode["overrides"]})
     splits = load_splits(mode["dataset"], protocol=cfg.protocol)
+    cfg = cfg.for_source(splits.source)
     runs = [run_seed(splits, cfg, sizes, s, args.verbose) for s in seeds]
     n_aux = runs[0]["n_auxiliary_lists"]
     summ = {b: {m: seed_summary([r[b][m] for r in runs]) for m in ("hr@6", "ndcg@6")} for b in sizes}

@@ -107,6 +107,7 @@ def fit_bundle(mode: dict, verbose: bool):
 
     cfg = GoalRankConfig().override({"protocol.max_users": mode["max_users"], **mode["overrides"]})
     splits = load_splits(mode["dataset"], protocol=cfg.protocol)
+    cfg = cfg.for_source(splits.source)
     bundle = fit_tables(splits.train, splits.valid, cfg, splits.items, log=log_to("latency fit", not verbose))
     return bundle, encode(bundle, splits.test)
 

@@ -49,6 +49,7 @@ def run_dataset(dataset: str, seeds: list[int], max_users: int, overrides: dict,
     base = GoalRankConfig().override({"protocol.max_users": max_users, **overrides})
     t0 = time.perf_counter()
     splits = load_splits(dataset, protocol=base.protocol)
+    base = base.for_source(splits.source)
     load_s = time.perf_counter() - t0
     per_seed: dict[str, dict[str, list[float]]] = {label: {} for label, _ in ROWS}
     fit_s = []

@@ -48,6 +48,7 @@ def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
 
     cfg = GoalRankConfig().override({"train.seed": seed})
     splits = load_splits(dataset, protocol=cfg.protocol)
+    cfg = cfg.for_source(splits.source)
     bundle = build_bundle(splits.train, cfg, splits.items)
     train, valid = encode(bundle, splits.train), encode(bundle, splits.valid)
     fit_policies(bundle, train, valid, log)

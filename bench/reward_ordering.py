@@ -29,14 +29,14 @@ import torch
 
 from bench.common import Recorder, table
 
-OLD = {"reward.augment_lists": 1, "reward.group_lists": 4, "reward.init_from_supervised": True,
+OLD = {"reward.unshown": "negative", "reward.augment_lists": 1, "reward.group_lists": 4, "reward.init_from_supervised": True,
        "reward.context_layers": 2, "train.reward_epochs": 3, "reward.pairwise": False, "reward.causal": False,
        "reward.folds": 1}
 VARIANTS = [
     ("old defaults", OLD),
-    ("observed positions only", {**OLD, "reward.augment_lists": 0, "reward.group_lists": 0,
+    ("observed positions only", {**OLD, "reward.unshown": "unknown", "reward.augment_lists": 0, "reward.group_lists": 0,
                                  "reward.init_from_supervised": False}),
-    ("+ 8 epochs, no context layers", {**OLD, "reward.augment_lists": 0, "reward.group_lists": 0,
+    ("+ 8 epochs, no context layers", {**OLD, "reward.unshown": "unknown", "reward.augment_lists": 0, "reward.group_lists": 0,
                                        "reward.init_from_supervised": False, "reward.context_layers": 0,
                                        "train.reward_epochs": 8}),
     ("+ pairwise term", {"reward.pairwise": True, "reward.causal": False, "reward.folds": 1}),

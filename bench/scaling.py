@@ -110,6 +110,7 @@ def run(args, dev) -> dict:
 
     cfg = GoalRankConfig().override({"protocol.max_users": max_users, **mode["overrides"]})
     splits = load_splits(mode["dataset"], protocol=cfg.protocol)
+    cfg = cfg.for_source(splits.source)
     test = splits.test
     base = None
     points = []

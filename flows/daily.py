@@ -396,7 +396,9 @@ def goalrank_daily(
             raise ConfigError("give exactly one of dataset or impressions")
         s = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
                           model_name=model_name, data_dir=data_dir)
-        cfg = resolve_config(config, overrides)
+        # reward.unshown: auto -> negative for a named data set (built from what users chose),
+        # unknown for impression logs (what a system showed).
+        cfg = resolve_config(config, overrides).for_source("interactions" if dataset else "impressions")
         run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
         from goalrank_core.partitions import parse_date
 

@@ -13,6 +13,10 @@ from typing import Any, get_type_hints
 from goalrank_core.errors import ConfigError
 
 
+UNSHOWN = ("auto", "negative", "unknown")
+SOURCES = {"interactions": "negative", "impressions": "unknown"}  # protocol.Splits.source -> unshown
+
+
 def _help(text: str, default: Any, **kw: Any) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
@@ -100,15 +104,21 @@ class RewardConfig:
     n_heads: int = _help("attention heads", 4)
     dropout: float = _help("dropout", 0.1)
     ff_mult: int = _help("feed-forward width as a multiple of d_model", 2)
+    unshown: str = _help(
+        "what an unshown candidate's click is: `negative` (0: right when the shown list is what the user "
+        "chose to consume, as in impressions the protocol builds from ratings or interactions), "
+        "`unknown` (never labelled: right for impression logs, where a logging policy chose the list "
+        "and an unshown item might have been clicked) or `auto` (negative for a named data set, "
+        "unknown for --impressions; `GoalRankConfig.for_source`). Only with `negative` do "
+        "`augment_lists` and `group_lists` apply", "auto")
     augment_lists: int = _help(
-        "extra training lists per request mixing shown items with unshown candidates (label 0), "
-        "so the model can score lists that were never logged (0 = off: an unshown candidate is not a "
-        "known negative, and labelling it 0 teaches the model that a list is good when it looks logged)", 0)
+        "with unshown = negative: extra training lists per request mixing shown items with unshown "
+        "candidates (label 0), so the model can score lists that were never logged", 1)
     group_lists: int = _help(
-        "lists per training request drawn from the group proposers' lists (auxiliary policies and "
-        "supervised-generator samples), labelled from the log (unshown = 0), so the model learns to "
-        "rank the kind of lists it will score (0 = off, the default: labelling their unshown items 0 is "
-        "exposure bias; > 0 fits the policies before the reward model)", 0)
+        "with unshown = negative: lists per training request drawn from the group proposers' lists "
+        "(auxiliary policies and supervised-generator samples), labelled from the log (unshown = 0), "
+        "so the model learns to rank the kind of lists it will score (0 = off; > 0 fits the policies "
+        "before the reward model)", 4)
     context_layers: int = _help(
         "Transformer layers over [user, all N candidates] before the list is encoded, so each list "
         "item is judged against the whole candidate set, as the generator sees it (0 = off: as good on "
@@ -140,11 +150,18 @@ class RewardConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.folds, int) and self.folds >= 1, "reward.folds", f"must be an integer >= 1, got {self.folds!r}")
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
+        _check(self.unshown in UNSHOWN, "reward.unshown", f"must be one of {', '.join(UNSHOWN)}, got {self.unshown!r}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
         _check(self.context_layers >= 0, "reward.context_layers", f"must be >= 0, got {self.context_layers}")
         _check(self.list_weight >= 0, "reward.list_weight", f"must be >= 0, got {self.list_weight}")
         _check_transformer(self, "reward")
+
+    @property
+    def labelled_lists(self) -> tuple[int, int]:
+        """(augment_lists, group_lists) in effect: both 0 unless unshown candidates are negatives
+        (an unresolved `auto` counts as unknown: never invent a label)."""
+        return (self.augment_lists, self.group_lists) if self.unshown == "negative" else (0, 0)
 
 
 @dataclass
@@ -325,6 +342,15 @@ class GoalRankConfig:
                 raise ConfigError(f"unknown config key '{key}'")
             node[parts[-1]] = value
         return GoalRankConfig.from_dict(data)
+
+    def for_source(self, source: str) -> "GoalRankConfig":
+        """`reward.unshown: auto` resolved for the data: `interactions` (a named data set, whose
+        impressions the protocol builds from what users rated or clicked: the shown list is the
+        user's own choice, so an unshown candidate is a negative) or `impressions` (logs of
+        what a system showed: an unshown candidate's click is unknown). Explicit values stay."""
+        if source not in SOURCES:
+            raise ConfigError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
+        return self if self.reward.unshown != "auto" else self.override({"reward.unshown": SOURCES[source]})
 
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()

@@ -226,13 +226,13 @@ def init_reward(reward: nn.Module, bundle: ModelBundle, log: Log = print) -> boo
 def train_reward(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, policies: list,
                  log: Log = print) -> Proposals | None:
     """The reward model into `bundle`: BCE on logged lists, augmented lists and (with
-    `reward.group_lists` > 0) lists of the group proposers (`policies`, plus samples of the
+    `reward.labelled_lists`: only when unshown candidates are negatives) lists of the group proposers (`policies`, plus samples of the
     supervised generator if the bundle has one) labelled from the log, so it is trained on the
     kind of lists it will rank; early stopping on the same measure on valid.
     -> the training requests' proposals (reused as the first round's groups), or None."""
     cfg = bundle.config
     props = vprops = None
-    if cfg.reward.group_lists > 0 and policies:
+    if cfg.reward.labelled_lists[1] > 0 and policies:
         sup = bundle.models.get("supervised")
         props = proposer_lists(train, policies, sup, cfg, seed=cfg.train.seed + 101)
         if valid is not None and len(valid):

@@ -271,14 +271,15 @@ def train_reward_model(train: EncodedRequests, valid: EncodedRequests | None, mo
                        log: Log = print, augment: int | None = None, epochs: int | None = None,
                        proposals: np.ndarray | None = None, valid_proposals: np.ndarray | None = None,
                        proposal_lists: int | None = None) -> list[EpochLog]:
-    """BCE on logged lists (+ augmented lists, default `model.cfg.augment_lists`; + per request
-    `proposal_lists` (default `model.cfg.group_lists`) lists drawn from `proposals` (R, G, L),
-    e.g. the group proposers' lists, labelled from the log), plus `model.cfg.list_weight` x the
+    """BCE on logged lists (+ augmented lists and per request `proposal_lists` lists drawn from `proposals` (R, G, L),
+    e.g. the group proposers' lists, labelled from the log; defaults: `model.cfg.labelled_lists`,
+    0 and 0 unless unshown candidates are negatives), plus `model.cfg.list_weight` x the
     list-ranking term over them; validation = BCE on the logged valid lists and all of
     `valid_proposals` (lower is better)."""
     dev = _device(model)
-    augment = model.cfg.augment_lists if augment is None else augment
-    k = model.cfg.group_lists if proposal_lists is None else proposal_lists
+    augment_n, group_n = model.cfg.labelled_lists
+    augment = augment_n if augment is None else augment
+    k = group_n if proposal_lists is None else proposal_lists
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
     def step(idx: np.ndarray) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Stage `train_reward_model`: Ray Train DDP over `config.train.num_workers` workers on the
 prepared training impressions, after the policies stage, with the in-process fit's loss
-(goalrank_core.fit.train_reward): BCE on the logged list, `reward.augment_lists` augmented
-lists and, with `reward.group_lists` > 0, that many of the group proposers' lists per request
-(goalrank_core.trainer.pick_lists, then reward_loss), labelled from the log, so the model is
-trained on the kind of lists it will rank. Early stopping on the same measure as in process
+(goalrank_core.fit.train_reward): BCE on the logged list and, when unshown candidates are
+negatives (`reward.unshown`), `reward.augment_lists` augmented lists and `reward.group_lists`
+of the group proposers' lists per request (goalrank_core.trainer.pick_lists, then
+reward_loss), labelled from the log, so the model is trained on the kind of lists it will rank. Early stopping on the same measure as in process
 (goalrank_core.trainer.mean_reward_loss on the logged valid lists plus every valid proposal).
 The model starts from the policies stage's supervised generator where shapes allow
 (goalrank_core.fit.init_reward, `reward.init_from_supervised`), or from `init` (warm start).
@@ -123,8 +123,7 @@ class RewardSpec(TrainSpec):
             pol = load_bundle(storage.join(self.policies, "model"), "reward: policies")
             pol.config = self.config
             init_reward(model, pol, lambda msg: print(f"[reward] {msg}", flush=True) if rank == 0 else None)
-        self.augment = model.cfg.augment_lists
-        self.k = model.cfg.group_lists  # proposer lists per request, as trainer.train_reward_model
+        self.augment, self.k = model.cfg.labelled_lists  # k: proposer lists per request, as trainer.train_reward_model
         self.list_weight = model.cfg.list_weight
         return model
 
@@ -171,10 +170,10 @@ def train_reward_model(prepared: str, policies: str | None, out: str, config: Go
     `max_failures`: worker failures to recover from (default GOALRANK_TRAIN_MAX_FAILURES or 1)."""
     import ray
 
-    use_props = config.reward.group_lists > 0
+    use_props = config.reward.labelled_lists[1] > 0
     if use_props and policies is None:
-        raise ConfigError("config 'reward.group_lists' > 0 trains the reward model on the policies' lists: "
-                          "give the policies stage (or set reward.group_lists=0)")
+        raise ConfigError("config 'reward.group_lists' > 0 with reward.unshown = negative trains the reward model "
+                          "on the policies' lists: give the policies stage (or set reward.group_lists=0)")
     ensure_ray()
     inputs = {"prepared": prepared}
     if policies is not None:
@@ -199,7 +198,7 @@ def train_reward_model(prepared: str, policies: str | None, out: str, config: Go
             print(f"[reward] proposers' lists: {', '.join(res['names'])}; {per_req:.1f} per request on "
                   f"{train.num_rows} train requests ({res['seconds']:.1f}s)", flush=True)
             extra = {"proposals": {"policies": res["names"], "lists_per_request": round(per_req, 2),
-                                   "per_batch": config.reward.group_lists, "seconds": round(res["seconds"], 2)}}
+                                   "per_batch": config.reward.labelled_lists[1], "seconds": round(res["seconds"], 2)}}
         manifest = train_and_save(spec, storage.join(prepared, "train"), out, "reward", key, config, "reward",
                                   "reward", storage.join(prepared, "vocab"), max_failures, dataset=dataset)
         manifest["training"].update(extra)

@@ -292,3 +292,25 @@ def test_amazon_book_protocol():
     for name in ("train", "valid", "test"):
         validate_impressions(s.split(name), name)
     assert s.stats["test_requests"] == s.stats["users"] > 1000
+
+
+def test_the_source_decides_whether_an_unshown_candidate_is_a_negative():
+    from goalrank_core.config import GoalRankConfig
+    from goalrank_core.errors import ConfigError
+
+    built = make_splits(explicit_raw(), CFG)  # the protocol's impressions from ratings
+    imp, items, _ = synth_impressions(n_users=30, n_items=80, requests_per_user=4, seed=0)
+    logged = split_impressions(imp, items)  # a system's impression logs
+    assert (built.source, built.stats["source"]) == ("interactions", "interactions")
+    assert (logged.source, logged.stats["source"]) == ("impressions", "impressions")
+    cfg = GoalRankConfig()
+    assert cfg.reward.unshown == "auto" and cfg.reward.labelled_lists == (0, 0)  # unresolved: never invent a label
+    neg, unk = cfg.for_source(built.source), cfg.for_source(logged.source)
+    assert neg.reward.unshown == "negative" and neg.reward.labelled_lists == (cfg.reward.augment_lists, cfg.reward.group_lists) == (1, 4)
+    assert unk.reward.unshown == "unknown" and unk.reward.labelled_lists == (0, 0)
+    explicit = cfg.override({"reward.unshown": "negative"})
+    assert explicit.for_source("impressions").reward.unshown == "negative"  # an explicit choice stays
+    with pytest.raises(ConfigError, match="reward.unshown"):
+        cfg.override({"reward.unshown": "zero"})
+    with pytest.raises(ConfigError, match="unknown data source"):
+        cfg.for_source("ratings")

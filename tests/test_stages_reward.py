@@ -30,7 +30,8 @@ def test_group_lists_without_policies_is_a_config_error(tmp_path):
     from tasks.reward import train_reward_model
 
     with pytest.raises(ConfigError, match="reward.group_lists"):
-        train_reward_model(str(tmp_path / "p"), None, str(tmp_path / "r"), GoalRankConfig().override({"reward.group_lists": 2}))
+        train_reward_model(str(tmp_path / "p"), None, str(tmp_path / "r"), GoalRankConfig().override({"reward.group_lists": 2,
+                                                                                                     "reward.unshown": "negative"}))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def stages(tmp_path_factory, ray_session):
 
     root = tmp_path_factory.mktemp("reward-stage")
     imp, items = synth_source(root / "data")
-    cfg = GoalRankConfig().override({**TINY_OVERRIDES, "train.reward_epochs": 2, "reward.group_lists": 2})
+    cfg = GoalRankConfig().override({**TINY_OVERRIDES, "train.reward_epochs": 2, "reward.group_lists": 2,
+                                       "reward.unshown": "negative"})
     u = lambda s: stage_uri(str(root / "s"), "d", "r", s)  # noqa: E731
     prep = prepare(DataSource(impressions=str(imp), items=str(items)), u("prepare"), cfg)
     pol = train_policies(prep.uri, u("policies"), cfg)
@@ -112,9 +114,9 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
     extra = pick_lists(torch.from_numpy(proposals_array(table.column(PROPOSALS))), 2, gen)
     folds = args[-1]  # cross-fitting: the rows' folds, from their request ids
     assert torch.equal(folds, torch.from_numpy(request_folds(table.column("request_id").to_pylist(), cfg.reward.folds)))
-    want = reward_loss(model, batch, cfg.reward.augment_lists, gen, extra, cfg.reward.list_weight, folds)
+    want = reward_loss(model, batch, cfg.reward.labelled_lists[0], gen, extra, cfg.reward.list_weight, folds)
     assert torch.equal(got, want)
-    assert not torch.equal(got, reward_loss(model, batch, cfg.reward.augment_lists, torch.Generator().manual_seed(3)))
+    assert not torch.equal(got, reward_loss(model, batch, cfg.reward.labelled_lists[0], torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.slow  # one more DDP run (~20 s quiet, ~50 s loaded); the daily_ops flow test covers warm starts too

@@ -49,6 +49,7 @@ def _fit(args: argparse.Namespace) -> int:
     over = {"train.seed": args.seed} if args.seed is not None else None
     config = load_config(args.config, over)
     splits = load_source(args, config)  # validated before anything is written
+    config = config.for_source(splits.source)  # reward.unshown: auto -> by what the data is
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     bundle = fit_tables(splits.train, splits.valid, config, splits.items, log=log)
