@@ -8,6 +8,7 @@ Every run gets its own storage folder, MLflow SQLite store and Prefect home in a
 folder, so runs never skip stages of each other.
 
     python -m bench.pipeline_cost --mode quick|full
+    python -m bench.pipeline_cost --mode full --datasets ml-1m --skip-synth   # issue 19: ML-1M, default config
 """
 from __future__ import annotations
 
@@ -162,10 +163,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-datasets", action="store_true", help="only the synthetic growth runs")
     ap.add_argument("--synth-users", type=int, help="synthetic users at scale x1 (default: the mode's)")
     ap.add_argument("--scales", help="comma-separated scales (default 1,4,16)")
+    ap.add_argument("--datasets", help="comma-separated data sets to run with the default config instead of the "
+                                       "mode's (result file pipeline_cost_{mode}_{datasets}.json)")
+    ap.add_argument("--skip-synth", action="store_true", help="no synthetic growth runs")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` ends a running flow
-    rec = Recorder("pipeline_cost", args.mode)
+    rec = Recorder("pipeline_cost", args.mode, tag=args.datasets.replace(",", "_") if args.datasets else "")
     mode = {**MODES[args.mode], "synth": dict(MODES[args.mode]["synth"])}
+    if args.datasets:
+        mode["datasets"] = {d: [] for d in args.datasets.split(",")}
+    if args.skip_synth:
+        mode["synth"]["scales"] = []
     if args.synth_users:
         mode["synth"]["users"] = args.synth_users
     if args.scales:
@@ -193,28 +201,28 @@ def main(argv: list[str] | None = None) -> dict:
             growth.append(run)
             print(f"[pipeline_cost] synthetic x{scale} ({run['requests']} requests): {run['wall_s']:.0f}s, "
                   f"peak {run['peak_mb']:.0f} MB, rc {run['rc']}", flush=True)
-    # Fixed + per-request cost: least squares of wall (and peak) on the number of requests.
-    n = np.array([g["requests"] for g in growth], float)
-    fits = {}
-    for key in ("wall_s", "peak_mb", "stage_wall_sum_s"):
-        y = np.array([g[key] for g in growth], float)
-        slope, icpt = np.polyfit(n, y, 1) if len(n) >= 2 else (float("nan"), float("nan"))
-        fits[key] = {"fixed": float(icpt), "per_1k_requests": float(slope * 1000)}
-    stage_names = list(dict.fromkeys(s["stage"] for g in growth for s in g["stages"]))
-    rows = []
-    for g in growth:
-        per = {s["stage"]: s["wall_s"] for s in g["stages"]}
-        rows.append([f"x{g['scale']}", g["requests"], f"{g['wall_s']:.1f}", f"{g['stage_wall_sum_s']:.1f}",
-                     f"{g['peak_mb']:.0f}"] + [f"{per[s]:.1f}" if per.get(s) is not None else "-" for s in stage_names]
-                    + [g["rc"]])
-    tables.append(table(
-        f"Growth with the number of requests (synthetic: {syn['users']} users x {syn['requests']} requests at x1)",
-        ["scale", "requests", "run wall s", "stages wall s", "peak MB (tree)"] + [f"{s} s" for s in stage_names] + ["rc"],
-        rows,
-        f"Least-squares fit over the {len(growth)} runs: run wall = {fits['wall_s']['fixed']:.0f} s + "
-        f"{fits['wall_s']['per_1k_requests']:.1f} s per 1,000 requests; stage wall = "
-        f"{fits['stage_wall_sum_s']['fixed']:.0f} s + {fits['stage_wall_sum_s']['per_1k_requests']:.1f} s per 1,000; "
-        f"peak memory = {fits['peak_mb']['fixed']:.0f} MB + {fits['peak_mb']['per_1k_requests']:.1f} MB per 1,000."))
+    fits: dict = {}
+    if growth:  # Fixed + per-request cost: least squares of wall (and peak) on the number of requests.
+        n = np.array([g["requests"] for g in growth], float)
+        for key in ("wall_s", "peak_mb", "stage_wall_sum_s"):
+            y = np.array([g[key] for g in growth], float)
+            slope, icpt = np.polyfit(n, y, 1) if len(n) >= 2 else (float("nan"), float("nan"))
+            fits[key] = {"fixed": float(icpt), "per_1k_requests": float(slope * 1000)}
+        stage_names = list(dict.fromkeys(s["stage"] for g in growth for s in g["stages"]))
+        rows = []
+        for g in growth:
+            per = {s["stage"]: s["wall_s"] for s in g["stages"]}
+            rows.append([f"x{g['scale']}", g["requests"], f"{g['wall_s']:.1f}", f"{g['stage_wall_sum_s']:.1f}",
+                         f"{g['peak_mb']:.0f}"] + [f"{per[s]:.1f}" if per.get(s) is not None else "-" for s in stage_names]
+                        + [g["rc"]])
+        tables.append(table(
+            f"Growth with the number of requests (synthetic: {syn['users']} users x {syn['requests']} requests at x1)",
+            ["scale", "requests", "run wall s", "stages wall s", "peak MB (tree)"] + [f"{s} s" for s in stage_names] + ["rc"],
+            rows,
+            f"Least-squares fit over the {len(growth)} runs: run wall = {fits['wall_s']['fixed']:.0f} s + "
+            f"{fits['wall_s']['per_1k_requests']:.1f} s per 1,000 requests; stage wall = "
+            f"{fits['stage_wall_sum_s']['fixed']:.0f} s + {fits['stage_wall_sum_s']['per_1k_requests']:.1f} s per 1,000; "
+            f"peak memory = {fits['peak_mb']['fixed']:.0f} MB + {fits['peak_mb']['per_1k_requests']:.1f} MB per 1,000."))
     failed = [k for k, r in runs.items() if r["rc"] != 0]
     notes = [f"Runs that failed (exit code != 0; log tail in the JSON): {', '.join(failed)}."] if failed else []
     result = {"config": {"datasets": mode["datasets"], "synth": syn}, "tables": tables, "notes": notes,
