@@ -30,7 +30,7 @@ FRACTION = {"quick": 0.5, "full": 1.0}  # of the training requests given groups
 
 
 def in_process(prep: str, scored: str, cfg, threads: int) -> dict:
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
     from goalrank_core.trainer import Groups, set_seed, train_generator_group
     from tasks._data import load_bundle
     from tasks._groups import RequestIndex, groups_to_positions

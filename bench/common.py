@@ -190,7 +190,7 @@ def rank_with_policy(bundle, policy, requests, seed: int = 0, batch_size: int = 
     import pyarrow as pa
     import torch
 
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
     from goalrank_core.schemas import RANKED, conform
 
     data = encode(bundle, requests)

@@ -60,9 +60,10 @@ def _mean(xs: list) -> float | None:
 
 
 def run_seed(splits, cfg, sizes, seed: int, verbose: bool) -> dict[int, dict]:
-    from goalrank_core.fit import build_bundle, encode, fit_goalrank, propose_groups
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.fit import fit_goalrank, propose_groups
     from goalrank_core.metrics import evaluate_lists
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources, rank
 
     cfg = cfg.override({"train.seed": seed})

@@ -102,7 +102,8 @@ def breakdown(bundle, data, batch_size: int, reps: int) -> dict[str, float]:
 
 def fit_bundle(mode: dict, verbose: bool):
     from goalrank_core.config import GoalRankConfig
-    from goalrank_core.fit import encode, fit_tables
+    from goalrank_core.bundle import encode
+    from goalrank_core.fit import fit_tables
     from goalrank_core.protocol import load_splits
 
     cfg = GoalRankConfig().override({"protocol.max_users": mode["max_users"], **mode["overrides"]})

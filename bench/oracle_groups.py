@@ -39,9 +39,10 @@ def oracle_pi_ref(train, lists: np.ndarray, mask: np.ndarray, tau: float, eps: f
 
 def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
     from goalrank_core.config import GoalRankConfig
-    from goalrank_core.fit import build_bundle, encode, fit_policies, propose_groups, train_reward
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.fit import fit_policies, propose_groups, train_reward
     from goalrank_core.metrics import evaluate_lists
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.protocol import load_splits
     from goalrank_core.ranking import policy_resources, rank
     from goalrank_core.trainer import set_seed, train_generator_group

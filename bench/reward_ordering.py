@@ -78,8 +78,9 @@ def judge(bundle, reward, test, world, users, props, norm) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     from bench.simulator import world_and_splits
     from goalrank_core.config import GoalRankConfig
-    from goalrank_core.fit import build_bundle, encode, fit_policies, proposer_lists, train_reward
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.fit import fit_policies, proposer_lists, train_reward
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources
     from goalrank_core.simulator_search import best_lists, random_value
 

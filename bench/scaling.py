@@ -104,7 +104,9 @@ def run(args, dev) -> dict:
 
     from goalrank_core.baselines import GeneratorEvaluator
     from goalrank_core.config import GoalRankConfig
-    from goalrank_core.fit import GeneratorPolicy, build_bundle, encode, fit_goalrank
+    from goalrank_core.policies import GeneratorPolicy
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.fit import fit_goalrank
     from goalrank_core.protocol import load_splits
     from goalrank_core.ranking import rank
 

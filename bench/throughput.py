@@ -209,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     sets = parse_sets(args.set)
 
     from goalrank_core.config import GoalRankConfig
-    from goalrank_core.fit import build_bundle, encode, fit_goalrank, propose_groups
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.fit import fit_goalrank, propose_groups
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.protocol import load_splits
     from goalrank_core.ranking import policy_resources
     from goalrank_core.trainer import set_seed

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from goalrank_core.batch import Vocab
+from goalrank_core.batch import EncodedRequests, Vocab, encode_requests
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import GoalRankInputError
 
@@ -220,3 +220,30 @@ class ModelBundle:
             out.tensors.update(o.tensors)
             out.item_category.update(o.item_category)
         return out
+
+
+def build_bundle(train: pa.Table, config: GoalRankConfig, items: pa.Table | None = None) -> ModelBundle:
+    """An empty bundle with the vocabularies and dimensions of a training impressions table."""
+    cand = train.column("candidates").combine_chunks().flatten().to_numpy()
+    hist = train.column("history").combine_chunks().flatten().to_numpy()
+    item_vocab = Vocab.build(cand, hist)
+    user_vocab = Vocab.build(train.column("user_id").to_numpy())
+    item_category: dict[int, int] = {}
+    if items is not None and items.num_rows:
+        item_category = {int(i): int(c) for i, c in zip(items.column("item_id").to_pylist(), items.column("category").to_pylist())}
+    n_cat = max(item_category.values(), default=0) + 1
+    slate_len = max((len(s) for s in train.column("shown").to_pylist()), default=config.protocol.slate_len)
+    n_cand = max((len(c) for c in train.column("candidates").to_pylist()), default=config.protocol.n_candidates)
+    dims = Dims(len(item_vocab), len(user_vocab), n_cat, slate_len, n_cand)
+    return ModelBundle(config, item_vocab, user_vocab, item_category, dims)
+
+
+def encode(bundle: ModelBundle, table: pa.Table) -> EncodedRequests:
+    """A table (impressions or requests) encoded with the bundle's vocabularies and shapes."""
+    return encode_requests(table, bundle.item_vocab, bundle.user_vocab, bundle.config.protocol.history_len,
+                           n_candidates=max(bundle.dims.n_candidates, _max_len(table, "candidates")),
+                           slate_len=bundle.dims.slate_len, item_category=bundle.item_category or None)
+
+
+def _max_len(table: pa.Table, col: str) -> int:
+    return max((len(c) for c in table.column(col).to_pylist()), default=1)

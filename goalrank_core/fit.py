@@ -23,41 +23,19 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from goalrank_core.batch import EncodedRequests, RequestBatch, Vocab, encode_requests
-from goalrank_core.bundle import Dims, ModelBundle
+from goalrank_core.baselines import train_pointwise, train_prm
+from goalrank_core.batch import EncodedRequests, RequestBatch
+from goalrank_core.bundle import ModelBundle, build_bundle, encode
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.diagnostics import format_round, group_summary, ordering_quality
 from goalrank_core.group import dcg_weights, dedup_lists, reference_policy
+from goalrank_core.policies import fit_heuristics, propose_all
+from goalrank_core.policy_registry import build_auxiliary
+from goalrank_core.ranking import policy_resources
+from goalrank_core.reward_model import can_init_from, init_from_generator
 from goalrank_core.search import greedy_search
 from goalrank_core.trainer import (Groups, Log, batch_folds, iterate_batches, log_labels, set_seed, train_generator_group,
                                    train_generator_supervised, train_reward_model)
-
-
-def build_bundle(train: pa.Table, config: GoalRankConfig, items: pa.Table | None = None) -> ModelBundle:
-    """An empty bundle with the vocabularies and dimensions of a training impressions table."""
-    cand = train.column("candidates").combine_chunks().flatten().to_numpy()
-    hist = train.column("history").combine_chunks().flatten().to_numpy()
-    item_vocab = Vocab.build(cand, hist)
-    user_vocab = Vocab.build(train.column("user_id").to_numpy())
-    item_category: dict[int, int] = {}
-    if items is not None and items.num_rows:
-        item_category = {int(i): int(c) for i, c in zip(items.column("item_id").to_pylist(), items.column("category").to_pylist())}
-    n_cat = max(item_category.values(), default=0) + 1
-    slate_len = max((len(s) for s in train.column("shown").to_pylist()), default=config.protocol.slate_len)
-    n_cand = max((len(c) for c in train.column("candidates").to_pylist()), default=config.protocol.n_candidates)
-    dims = Dims(len(item_vocab), len(user_vocab), n_cat, slate_len, n_cand)
-    return ModelBundle(config, item_vocab, user_vocab, item_category, dims)
-
-
-def encode(bundle: ModelBundle, table: pa.Table) -> EncodedRequests:
-    """A table (impressions or requests) encoded with the bundle's vocabularies and shapes."""
-    return encode_requests(table, bundle.item_vocab, bundle.user_vocab, bundle.config.protocol.history_len,
-                           n_candidates=max(bundle.dims.n_candidates, _max_len(table, "candidates")),
-                           slate_len=bundle.dims.slate_len, item_category=bundle.item_category or None)
-
-
-def _max_len(table: pa.Table, col: str) -> int:
-    return max((len(c) for c in table.column(col).to_pylist()), default=1)
 
 
 @dataclass
@@ -69,26 +47,6 @@ class Proposals:
     names: list[str]
 
 
-class GeneratorPolicy:
-    """A generator as a list policy: greedy (one list, repeated) or sampled lists."""
-
-    def __init__(self, model: nn.Module, name: str, sample: bool = False, lists_per_request: int = 1):
-        self.model, self.name, self.sample, self.lists_per_request = model, name, sample, lists_per_request
-
-    @torch.no_grad()
-    def propose(self, batch: RequestBatch, n_lists: int, gen: torch.Generator | None = None) -> torch.Tensor:
-        was = self.model.training
-        if was:  # a mode switch walks every submodule (~0.1 ms): serving calls arrive in eval mode
-            self.model.eval()
-        try:
-            if self.sample:
-                return self.model.sample(batch, n_lists, gen)
-            return self.model.greedy(batch)[:, None, :].expand(-1, n_lists, -1).contiguous()
-        finally:
-            if was:
-                self.model.train()
-
-
 @torch.no_grad()
 def group_proposals(batch: RequestBatch, aux: list, generator: nn.Module | None, config: GoalRankConfig,
                     gen: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -96,8 +54,6 @@ def group_proposals(batch: RequestBatch, aux: list, generator: nn.Module | None,
     the logged list (if `group.logged_list`: the behaviour policy's proposal, known for a logged
     training request; a row without a full logged list gets an invalid list that dedup drops),
     every auxiliary policy's lists, then `group.generator_samples` generator samples."""
-    from goalrank_core.policies import propose_all
-
     parts, names = [], []
     if config.group.logged_list:
         parts.append(batch.shown[:, None, :])  # (B, 1, L); -1 entries make it invalid
@@ -166,8 +122,6 @@ def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None
 
 def fit_policies(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequests | None, log: Log = print) -> None:
     """Heuristic statistics, point-wise DNN, PRM and the supervised generator, into `bundle`."""
-    from goalrank_core.baselines import train_pointwise, train_prm
-    from goalrank_core.policies import fit_heuristics
 
     cfg = bundle.config
     stats = fit_heuristics(train, bundle.dims.n_items, cfg.policies, cfg.train.seed)
@@ -208,8 +162,6 @@ def proposer_lists(data: EncodedRequests, policies: list, generator: nn.Module |
 def init_reward(reward: nn.Module, bundle: ModelBundle, log: Log = print) -> bool:
     """With `reward.init_from_supervised`, start `reward` from the bundle's supervised
     generator when it has one of matching shape. -> whether it did."""
-    from goalrank_core.reward_model import can_init_from, init_from_generator
-
     sup = bundle.models.get("supervised")
     if not bundle.config.reward.init_from_supervised or sup is None:
         return False
@@ -284,8 +236,6 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
     and kept in `bundle.fit_report`; the reward model's ordering is measured on the valid
     requests' groups against `list_value` (a simulator's true value) or, without it, their
     logged DCG."""
-    from goalrank_core.ranking import policy_resources
-    from goalrank_core.policies import build_auxiliary
 
     cfg = bundle.config
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Policies: "goalrank" (the generator, greedy), "supervised" (the supervised generator,
 greedy), "g-e" (Generator-Evaluator: the auxiliary policies and the supervised generator
 propose, the reward model picks the best list: the same proposers as GoalRank's groups),
-and every policy in policies.POLICY_REGISTRY (random, popularity, ctr, mmr, history,
+and every policy in policy_registry.POLICY_REGISTRY (random, popularity, ctr, mmr, history,
 first-stage, dnn, dnn-pl, prm). Unseen users and items map to UNK and are ranked anyway.
 """
 from __future__ import annotations
@@ -12,17 +12,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from goalrank_core.bundle import ModelBundle
+from goalrank_core.baselines import GeneratorEvaluator
+from goalrank_core.bundle import ModelBundle, encode
 from goalrank_core.errors import GoalRankInputError
+from goalrank_core.policies import GeneratorPolicy, HeuristicStats
+from goalrank_core.policy_registry import PolicyResources, build_auxiliary, build_policy, known_policies
 from goalrank_core.schemas import RANKED, conform
 
 
-def policy_resources(bundle: ModelBundle):
+def policy_resources(bundle: ModelBundle) -> PolicyResources:
     """PolicyResources holding everything the bundle has fitted."""
-    from goalrank_core.baselines import GeneratorEvaluator
-    from goalrank_core.fit import GeneratorPolicy
-    from goalrank_core.policies import HeuristicStats, PolicyResources, build_auxiliary
-
     stats_t = {k[len("stats."):]: v for k, v in bundle.tensors.items() if k.startswith("stats.")}
     res = PolicyResources(
         config=bundle.config.policies,
@@ -41,8 +40,6 @@ def policy_resources(bundle: ModelBundle):
 
 
 def available_policies(bundle: ModelBundle) -> list[str]:
-    from goalrank_core.policies import known_policies
-
     return known_policies(policy_resources(bundle))
 
 
@@ -50,8 +47,6 @@ def available_policies(bundle: ModelBundle) -> list[str]:
 def rank_positions(bundle: ModelBundle, data, policy: str = "goalrank", batch_size: int = 1024,
                    seed: int | None = None) -> np.ndarray:
     """EncodedRequests -> (R, L) positions into each request's candidates."""
-    from goalrank_core.policies import build_policy
-
     res = policy_resources(bundle)
     pol = build_policy(policy, res)
     dev = next((p.device for m in bundle.models.values() for p in m.parameters()), torch.device("cpu"))
@@ -66,8 +61,6 @@ def rank_positions(bundle: ModelBundle, data, policy: str = "goalrank", batch_si
 def rank(bundle: ModelBundle, requests: pa.Table, policy: str = "goalrank", batch_size: int = 1024,
          seed: int | None = None) -> pa.Table:
     """Rank every request of a validated requests (or impressions) table -> RANKED table."""
-    from goalrank_core.fit import encode
-
     data = encode(bundle, requests)
     L = bundle.dims.slate_len
     short = np.flatnonzero(data.cand_mask.sum(1) < L)

@@ -336,10 +336,3 @@ def train_generator_group(train: EncodedRequests, groups: Groups, model: nn.Modu
 
     validate = (lambda: greedy_hit_rate(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
     return _fit(model, len(train), cfg, epochs or cfg.epochs, step, validate, True, "generator", log)
-
-
-def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle, log: Log = print, policies: list | None = None):
-    """The whole in-process pipeline into a ModelBundle: see goalrank_core/fit.py."""
-    from goalrank_core.fit import fit_goalrank as _fit_goalrank
-
-    return _fit_goalrank(train, valid, bundle, log, policies)

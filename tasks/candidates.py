@@ -31,7 +31,7 @@ class Proposer:
     """A Ray Data actor: loads the models once, then proposes groups batch by batch."""
 
     def __init__(self, policies: str, generator: str | None, config_dict: dict, round: int):
-        from goalrank_core.policies import build_auxiliary
+        from goalrank_core.policy_registry import build_auxiliary
         from goalrank_core.ranking import policy_resources
 
         self.config = GoalRankConfig.from_dict(config_dict)
@@ -46,7 +46,8 @@ class Proposer:
 
     @torch.no_grad()
     def __call__(self, table: pa.Table) -> pa.Table:
-        from goalrank_core.fit import encode, group_proposals
+        from goalrank_core.bundle import encode
+        from goalrank_core.fit import group_proposals
         from goalrank_core.group import dedup_lists
 
         cfg = self.config

@@ -43,7 +43,7 @@ class Ranker:
     (policy, request_id, ranked)."""
 
     def __init__(self, reward_model: str, policies: str, generator: str, config_dict: dict):
-        from goalrank_core.policies import build_policy
+        from goalrank_core.policy_registry import build_policy
         from goalrank_core.ranking import policy_resources
 
         self.config = GoalRankConfig.from_dict(config_dict)
@@ -54,7 +54,7 @@ class Ranker:
 
     @torch.no_grad()
     def __call__(self, table: pa.Table) -> pa.Table:
-        from goalrank_core.fit import encode
+        from goalrank_core.bundle import encode
 
         enc = encode(self.bundle, table)
         b = enc.batch(slice(None), self.dev)

@@ -36,7 +36,7 @@ class GeneratorSpec(TrainSpec):
         self.prepared, self.init = prepared, init
 
     def setup(self, rank: int) -> torch.nn.Module:
-        from goalrank_core.fit import encode
+        from goalrank_core.bundle import encode
 
         self.bundle = load_bundle(storage.join(self.prepared, "vocab"), "generator: vocabulary")
         self.requests = RequestIndex(storage.read_table(storage.join(self.prepared, "train"), None,
@@ -60,7 +60,7 @@ class GeneratorSpec(TrainSpec):
         return generator_group_loss(model, batch, lists, pi_ref, mask, supervised_weight)
 
     def batch_args(self, table: Any, device: Any, gen: torch.Generator) -> tuple:
-        from goalrank_core.fit import encode
+        from goalrank_core.bundle import encode
 
         enc = encode(self.bundle, self.requests.take(table.column("request_id")))
         pos, mask = groups_to_positions(enc, table.column("lists"), self.width, "train_generator")  # (B, G, L), (B, G)

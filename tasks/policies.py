@@ -25,7 +25,8 @@ def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> d
     """Runs on a Ray worker: read the prepared splits, fit, upload the bundle."""
     import torch
 
-    from goalrank_core.fit import encode, fit_policies
+    from goalrank_core.bundle import encode
+    from goalrank_core.fit import fit_policies
 
     torch.set_num_threads(max(1, threads))
     config = GoalRankConfig.from_dict(config_dict)

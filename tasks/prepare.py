@@ -165,7 +165,7 @@ def prepare(source: DataSource, out: str, config: GoalRankConfig) -> StageResult
     def body(out: str) -> dict:
         import ray.data
 
-        from goalrank_core.fit import build_bundle
+        from goalrank_core.bundle import build_bundle
 
         ensure_ray()
         splits = load_splits(source, config)

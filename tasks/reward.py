@@ -58,8 +58,9 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     """Runs in a Ray task: the proposers' lists of every train and valid request, exactly as
     goalrank_core.fit.train_reward computes them. -> {"train": table + proposals column,
     "valid": (V, G, L) or None, "valid_ids", "names", "lists_per_request", "seconds"}."""
-    from goalrank_core.fit import encode, proposer_lists
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.bundle import encode
+    from goalrank_core.fit import proposer_lists
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources
     from tasks._data import device
 
@@ -102,7 +103,7 @@ class RewardSpec(TrainSpec):
         self.valid_proposals, self.valid_ids = valid_proposals, valid_ids  # (V, G, L) int32, V ids
 
     def setup(self, rank: int) -> torch.nn.Module:
-        from goalrank_core.fit import encode
+        from goalrank_core.bundle import encode
 
         self.bundle = load_bundle(storage.join(self.prepared, "vocab"), "reward: vocabulary")
         self.bundle.config = self.config  # build what train_and_save will load the weights into
@@ -135,7 +136,7 @@ class RewardSpec(TrainSpec):
         return reward_loss(model, batch, augment, gen, extra, list_weight, folds)
 
     def batch_args(self, table: Any, device: Any, gen: torch.Generator) -> tuple:
-        from goalrank_core.fit import encode
+        from goalrank_core.bundle import encode
         from goalrank_core.reward_model import request_folds
         from goalrank_core.trainer import pick_lists
 

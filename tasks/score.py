@@ -35,7 +35,7 @@ def score_batch(bundle: Any, reward: torch.nn.Module, requests: RequestIndex, ta
                 dev: str = "cpu") -> pa.Table:
     """Candidate groups (CANDIDATE_GROUPS rows) -> the same rows with `rewards` and `pi_ref`:
     the per-batch work of a `Scorer` actor (the benchmark's bare loop calls it too)."""
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
     from goalrank_core.group import reference_policy
     from goalrank_core.trainer import batch_folds
 

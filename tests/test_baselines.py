@@ -14,10 +14,8 @@ from goalrank_core.baselines import (
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import PolicyConfig, TrainConfig
 from goalrank_core.errors import GoalRankInputError
-from goalrank_core.policies import (
-    PolicyResources, build_policy, first_stage_policy, fit_heuristics, known_policies, popularity_policy,
-    random_policy,
-)
+from goalrank_core.policy_registry import PolicyResources, build_policy, known_policies
+from goalrank_core.policies import first_stage_policy, fit_heuristics, popularity_policy, random_policy
 from test_policies import masked_batches, valid_lists
 
 N_ITEMS, SIGNAL = 30, 2

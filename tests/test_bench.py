@@ -112,7 +112,8 @@ def test_latency_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
     """A real fit (tiny), real GoalRank and G-E pipelines timed, a result file and its report."""
     from bench import latency
     from gr_helpers import synth_tables, tiny_config
-    from goalrank_core.fit import encode, fit_tables
+    from goalrank_core.bundle import encode
+    from goalrank_core.fit import fit_tables
 
     splits, _ = synth_tables(n_users=16, requests_per_user=4)
     bundle = fit_tables(splits.train, splits.valid, tiny_config(), splits.items, log=lambda m: None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from goalrank_core.bundle import BundleError, ModelBundle
-from goalrank_core.fit import build_bundle, encode
+from goalrank_core.bundle import build_bundle, encode
 from gr_helpers import synth_tables, tiny_config
 
 

@@ -20,7 +20,7 @@ GROUPS = CANDIDATE_GROUPS.field("lists").type
 def world():
     """A synthetic train split, its bundle with a seeded untrained reward model, and groups of
     uneven sizes (1 to |B| lists, some repeated, one request twice)."""
-    from goalrank_core.fit import build_bundle
+    from goalrank_core.bundle import build_bundle
     from goalrank_core.trainer import set_seed
 
     splits, _ = synth_tables(n_users=30, requests_per_user=5, seed=1)
@@ -55,7 +55,7 @@ def _loop_positions(enc, lists, width):
 
 
 def test_groups_to_positions_from_arrow_matches_the_per_row_definition(world):
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
 
     groups, bundle = world["groups"], world["bundle"]
     index = RequestIndex(world["train"], "test")
@@ -70,7 +70,7 @@ def test_groups_to_positions_from_arrow_matches_the_per_row_definition(world):
 
 
 def test_groups_to_positions_names_the_request_with_an_unknown_item(world):
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
 
     part = world["groups"].slice(0, 4)
     enc = encode(world["bundle"], RequestIndex(world["train"], "test").take(part.column("request_id")))
@@ -117,7 +117,7 @@ def test_request_index_takes_rows_in_order_and_names_a_missing_id(world):
 
 
 def test_score_batch_matches_scoring_each_request_alone(world):
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
     from goalrank_core.group import reference_policy
     from goalrank_core.reward_model import request_folds
     from tasks.score import score_batch

@@ -51,8 +51,9 @@ def stages(tmp_path_factory, ray_session):
 
 @pytest.mark.ray
 def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
-    from goalrank_core.fit import encode, proposer_lists
-    from goalrank_core.policies import build_auxiliary
+    from goalrank_core.bundle import encode
+    from goalrank_core.fit import proposer_lists
+    from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources
     from goalrank_core.trainer import mean_reward_loss
     from tasks import storage
@@ -93,7 +94,7 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
 def test_reward_worker_batch_loss_is_the_core_loss(stages):
     """A worker's batch (its shard's rows, proposals column attached) gives exactly the core
     training step's loss: pick_lists, then reward_loss with the list term, from one generator."""
-    from goalrank_core.fit import encode
+    from goalrank_core.bundle import encode
     from goalrank_core.reward_model import request_folds
     from goalrank_core.trainer import pick_lists, reward_loss
     from tasks import storage

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from goalrank_core.fit import build_bundle, encode, fit_tables, propose_groups
+from goalrank_core.bundle import build_bundle, encode
+from goalrank_core.fit import fit_tables, propose_groups
 from goalrank_core.ranking import rank_positions
 from goalrank_core.trainer import (generator_group_loss, positive_lists, set_seed, supervised_list_loss,
                                    train_generator_group, train_generator_supervised, train_reward_model)
