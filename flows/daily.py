@@ -25,6 +25,7 @@ from prefect.tasks import exponential_backoff
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
+from goalrank_core.schemas import IMPRESSIONS, METRICS
 from flows import console, daily_ops
 from flows.settings import resolve_settings
 from tasks import stages
@@ -205,8 +206,6 @@ def evaluate_task(run_id: str, prepared: str, reward_model: str, policies: str, 
 # ---------------------------------------------------------------- tracking and registry
 def read_metrics(evaluate_uri: str, manifest: dict) -> Any:
     """The METRICS table written by the evaluate stage."""
-    from goalrank_core.schemas import METRICS
-
     tables = list((manifest.get("tables") or {}).keys())
     name = "metrics" if "metrics" in tables else next((t for t in tables if "metric" in t), tables[0] if tables else "")
     return read_table(join(evaluate_uri, name), METRICS, f"evaluate metrics {evaluate_uri}")
@@ -249,7 +248,7 @@ def _request_example(prepared: str, manifest: dict, n: int = 3) -> Any:
     name = next((t for t in ("test", "valid", "train") if t in tables), None)
     if name is None:
         name = next(t for t in tables if any(s in t for s in ("test", "valid", "train")))
-    table = read_table(join(prepared, name), None, f"prepared {name}", columns=REQUEST_COLUMNS)
+    table = read_table(join(prepared, name), IMPRESSIONS, f"prepared {name}", columns=REQUEST_COLUMNS)
     return table.slice(0, n).to_pandas()
 
 
@@ -316,7 +315,7 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
         from goalrank_core.ranking import rank
 
         bundle = tracking.load_bundle_from(f"models:/{model_name}/{champ.version}", tracking_uri)
-        truth = read_table(join(uris["prepared"], "valid"), None, "validation split")
+        truth = read_table(join(uris["prepared"], "valid"), IMPRESSIONS, "validation split")
         ranked = rank(bundle, truth.drop_columns(["shown", "labels"]), GOALRANK_POLICY, seed=cfg.train.seed)
         k = int(metric.rsplit("@", 1)[1])
         value = evaluate_lists(ranked, truth, ks=(k,), seed=cfg.train.seed)[metric].value

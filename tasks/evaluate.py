@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import torch
 
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.schemas import METRICS, RANKED
+from goalrank_core.schemas import IMPRESSIONS, METRICS, RANKED
 from tasks import storage
 from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset
 from tasks.candidates import pool_size
@@ -85,7 +85,7 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
     def body(out: str) -> dict:
         tables, rows = {}, []
         args = tuple(storage.normalize(u) for u in (reward_model, policies, generator)) + (config.to_dict(),)
-        truth = {s: storage.read_table(storage.join(prepared, s), None, f"evaluate: {s} split") for s in EVAL_SPLITS}
+        truth = {s: storage.read_table(storage.join(prepared, s), IMPRESSIONS, f"evaluate: {s} split") for s in EVAL_SPLITS}
         # Both splits through one actor pool (each actor loads every model once).
         parts = [read_dataset(storage.join(prepared, s), f"evaluate: {s} split")
                  .add_column("split", _const(s), batch_format="pyarrow") for s in EVAL_SPLITS if truth[s].num_rows]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from goalrank_core.config import GoalRankConfig
+from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
 from tasks._data import load_bundle
 from tasks._groups import RequestIndex, groups_to_positions, padded_values
@@ -39,11 +40,11 @@ class GeneratorSpec(TrainSpec):
         from goalrank_core.bundle import encode
 
         self.bundle = load_bundle(storage.join(self.prepared, "vocab"), "generator: vocabulary")
-        self.requests = RequestIndex(storage.read_table(storage.join(self.prepared, "train"), None,
+        self.requests = RequestIndex(storage.read_table(storage.join(self.prepared, "train"), IMPRESSIONS,
                                                         "generator: train split"), "generator")
         self.valid = None
         if rank == 0:
-            table = storage.read_table(storage.join(self.prepared, "valid"), None, "generator: valid split")
+            table = storage.read_table(storage.join(self.prepared, "valid"), IMPRESSIONS, "generator: valid split")
             self.valid = encode(self.bundle, table) if table.num_rows else None
         model = self.bundle.build("generator")
         if self.init is not None:

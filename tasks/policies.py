@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from goalrank_core.config import GoalRankConfig
+from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
 from tasks._data import load_bundle, save_bundle
 from tasks._memory import self_peak_mb
@@ -32,8 +33,8 @@ def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> d
     config = GoalRankConfig.from_dict(config_dict)
     bundle = load_bundle(storage.join(prepared, "vocab"), "policies: vocabulary")
     bundle.config = config
-    train = encode(bundle, storage.read_table(storage.join(prepared, "train"), None, "policies: train split"))
-    valid_t = storage.read_table(storage.join(prepared, "valid"), None, "policies: valid split")
+    train = encode(bundle, storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "policies: train split"))
+    valid_t = storage.read_table(storage.join(prepared, "valid"), IMPRESSIONS, "policies: valid split")
     valid = encode(bundle, valid_t) if valid_t.num_rows else None
     lines: list[str] = []
 

@@ -30,6 +30,7 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError
+from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
 from tasks._data import load_bundle
 from tasks._train import TrainSpec, train_and_save
@@ -71,13 +72,13 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     sup = bundle.require("supervised")
     res = policy_resources(bundle)
     aux = build_auxiliary(res) + [res.extra["supervised"]]
-    train = storage.read_table(storage.join(prepared, "train"), None, "reward: train split")
+    train = storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "reward: train split")
     props = proposer_lists(encode(bundle, train), aux, sup, cfg, seed=cfg.train.seed + 101)
     # Valid (complete) lists per request, for the log and the manifest.
     per_req = float((props.lists >= 0).all(-1).sum(1).mean()) if len(props.lists) else 0.0
     out = {"train": train.append_column(PROPOSALS, proposals_column(props.lists)), "valid": None, "valid_ids": [],
            "names": props.names, "lists_per_request": per_req}
-    valid = storage.read_table(storage.join(prepared, "valid"), None, "reward: valid split")
+    valid = storage.read_table(storage.join(prepared, "valid"), IMPRESSIONS, "reward: valid split")
     if valid.num_rows:
         enc = encode(bundle, valid)
         out["valid"] = proposer_lists(enc, aux, sup, cfg, seed=cfg.train.seed + 102).lists.astype(np.int32)
@@ -109,7 +110,7 @@ class RewardSpec(TrainSpec):
         self.bundle.config = self.config  # build what train_and_save will load the weights into
         self.valid, self.valid_props = None, None
         if rank == 0:
-            table = storage.read_table(storage.join(self.prepared, "valid"), None, "reward: valid split")
+            table = storage.read_table(storage.join(self.prepared, "valid"), IMPRESSIONS, "reward: valid split")
             self.valid = encode(self.bundle, table) if table.num_rows else None
             if self.valid is not None and self.valid_proposals is not None:
                 row = {rid: i for i, rid in enumerate(self.valid_ids)}

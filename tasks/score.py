@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.schemas import SCORED_GROUPS
+from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
 from tasks import storage
 from tasks._data import device, load_bundle, read_dataset, write_dataset
 from tasks._groups import RequestIndex, groups_to_positions, masked_lists
@@ -63,7 +63,7 @@ class Scorer:
         self.dev = device()
         self.bundle = load_bundle(storage.join(reward_model, "model"), "score: reward model", self.dev)
         self.reward = self.bundle.require("reward").eval()
-        self.requests = RequestIndex(storage.read_table(storage.join(prepared, "train"), None, "score: train split"),
+        self.requests = RequestIndex(storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "score: train split"),
                                      "score")
 
     def __call__(self, table: pa.Table) -> pa.Table:

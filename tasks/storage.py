@@ -278,7 +278,8 @@ def write_table(table: pa.Table, uri: str, schema: pa.Schema, what: str) -> int:
 
 def read_table(uri: str, schema: pa.Schema | None, what: str, columns: list[str] | None = None) -> pa.Table:
     """Read the Parquet folder `uri` of a completed stage and validate it against `schema`
-    (None skips validation, for side tables without a contract such as a vocabulary)."""
+    (the stage's contract, or those of its columns that `columns` selects; None skips
+    validation, for side tables without a contract such as a vocabulary)."""
     stage, manifest = require_complete(uri, what)
     rel = normalize(uri)[len(stage):].strip("/")
     tables = manifest.get("tables", {})
@@ -288,8 +289,8 @@ def read_table(uri: str, schema: pa.Schema | None, what: str, columns: list[str]
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise StorageError(f"{what}: {uri} is listed in the manifest but missing")
     table = pq.read_table(path, filesystem=fs, partitioning=None, columns=columns)
-    if schema is not None and columns is None:
-        table = conform(table, schema, what)
+    if schema is not None:  # a column subset is checked against those columns of the contract
+        table = conform(table, schema if columns is None else pa.schema([schema.field(c) for c in columns]), what)
     expected = tables.get(rel, {}).get("rows")
     if expected is not None and columns is None and table.num_rows != expected:
         raise StorageError(f"{what}: {uri} has {table.num_rows} rows, its manifest says {expected}")

@@ -92,6 +92,26 @@ def test_read_refuses_a_table_the_manifest_does_not_list(tmp_path):
         storage.read_table(storage.join(out, "stray"), RANKED, "stray")
 
 
+def test_read_checks_the_contract_of_the_table_and_of_a_column_subset(tmp_path):
+    """A stage output rewritten by other code (here: `ranked` as strings) is refused on read,
+    for the whole table and for a subset of its columns, with the column named."""
+    import pyarrow.parquet as pq
+
+    from goalrank_core.schemas import SchemaError
+
+    out = stage_uri(str(tmp_path), "ds", "run", "stage")
+    run_stage(out, "stage", GoalRankConfig(), {}, _writer(_ranked()))
+    part = next((tmp_path / "ds" / "run" / "stage" / "ranked").glob("*.parquet"))
+    t = pq.read_table(part)
+    pq.write_table(t.set_column(1, "ranked", pa.array([str(v) for v in t.column("ranked").to_pylist()])), part)
+    uri = storage.join(out, "ranked")
+    with pytest.raises(SchemaError, match="column 'ranked' has type string"):
+        storage.read_table(uri, RANKED, "ranked")
+    with pytest.raises(SchemaError, match="column 'ranked' has type string"):
+        storage.read_table(uri, RANKED, "ranked", columns=["ranked"])
+    assert storage.read_table(uri, RANKED, "ranked", columns=["request_id"]).num_rows == 5
+
+
 def test_write_table_validates_before_writing(tmp_path):
     bad = _ranked().append_column("score", pa.array([0.1] * 5))
     target = str(tmp_path / "x" / "ranked")
