@@ -37,6 +37,13 @@ GOALRANK_POLICY = "goalrank"  # policy name of the trained generator in the METR
 RETRIES = 3
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
+
+def check_run_id(run_id: str) -> str:
+    """A run id becomes a storage folder: letters, digits, '.', '_' or '-', at most 100."""
+    if not _RUN_ID.match(run_id):
+        raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+    return run_id
+
 # Exception class names (anywhere in the MRO or the cause chain) that mean "try again later".
 _TRANSIENT_NAMES = {
     # Ray: a worker, actor, node or the connection went away
@@ -402,9 +409,7 @@ def goalrank_daily(
         from goalrank_core.partitions import parse_date
 
         run_date = parse_date(run_date, "run_date").isoformat()
-        run_id = run_id or run_date
-        if not _RUN_ID.match(run_id):
-            raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+        run_id = check_run_id(run_id or run_date)
         name = dataset_name(dataset, impressions)
     except GoalRankInputError as exc:
         # One line an operator reads in the run's logs (a run started from the UI with a bad

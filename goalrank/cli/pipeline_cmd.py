@@ -180,15 +180,12 @@ def run_log_path(params: dict[str, Any]) -> Path:
     a local folder; else `.goalrank/logs/{dataset}/{run_id}.log` under the working folder."""
     from datetime import datetime, timezone
 
-    from flows.daily import _RUN_ID, dataset_name
-    from goalrank_core.errors import ConfigError
+    from flows.daily import check_run_id, dataset_name
     from goalrank_core.partitions import parse_date
 
     name = dataset_name(params.get("dataset"), params.get("impressions"))
     date = params.get("run_date") or datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    run_id = params.get("run_id") or parse_date(date, "run_date").isoformat()
-    if not _RUN_ID.match(run_id):  # the flow's own check, before a folder is made from it
-        raise ConfigError(f"run id '{run_id}' must be letters, digits, '.', '_' or '-' (at most 100)")
+    run_id = check_run_id(params.get("run_id") or parse_date(date, "run_date").isoformat())  # before a folder is made
     storage = params.get("storage")
     if storage and "://" not in storage:
         return Path(storage) / name / run_id / "_logs" / "goalrank-run.log"
