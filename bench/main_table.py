@@ -21,10 +21,10 @@ from bench.common import Recorder, data_available, log_to, seed_summary, table
 ROWS = [("random", "random"), ("popularity", "popularity"), ("point-wise DNN", "dnn"), ("PRM", "prm"),
         ("supervised generator", "supervised"), ("Generator-Evaluator", "g-e"), ("GoalRank", "goalrank")]
 PAPER_GAIN = {"hr": (4.41, 6.43), "ndcg": (3.75, 4.70)}  # % over the best baseline, arXiv 2509.22046 Table 1
-# What GoalRank is compared against (issue 3's baselines, and the heuristics). The supervised
-# generator is an auxiliary policy and GoalRank's own warm start, not a baseline: it is
-# reported beside the gain, as the question "did group-relative training add to its start?".
-BASELINES = ("random", "popularity", "point-wise DNN", "PRM", "Generator-Evaluator")
+# What GoalRank is compared against: the heuristics, issue 3's baselines and the supervised
+# generator, a Seq2Slate-style generator-only ranker (also GoalRank's warm start, so its own
+# column says what group-relative training added to that start).
+BASELINES = ("random", "popularity", "point-wise DNN", "PRM", "supervised generator", "Generator-Evaluator")
 WARM_START = "supervised generator"
 KS = (3, 6)
 
@@ -125,9 +125,9 @@ def tables_for(runs: list[dict], mode: str) -> list[dict]:
                      ["data set", "metric", "best baseline", "baseline", "GoalRank", "our gain", "paper's gain",
                       "warm start: supervised generator (GoalRank's gain over it)"],
                      rows, "Gain = (GoalRank - best baseline) / best baseline, on the seed means. Baselines: "
-                     f"{', '.join(BASELINES)} (issue 3's baselines and the heuristics). The supervised generator "
-                     "is not one: it is an auxiliary policy and GoalRank's starting point, so its column says "
-                     "what group-relative training added to that start."))
+                     f"{', '.join(BASELINES)}. The supervised generator (a Seq2Slate-style generator-only "
+                     "ranker) is a baseline and also GoalRank's starting point, so its own column says what "
+                     "group-relative training added to that start."))
     return out
 
 
