@@ -8,7 +8,9 @@ value of every list:
 - spearman / top-1 / top-1 value: goalrank_core.diagnostics.ordering_quality;
 - pick: the true value of the reward model's favourite list (what G-E serves), normalised
   (random lists 0, best list found 1), beside the group's best list (a perfect evaluator);
-- search: the list built by greedy search under the reward model (goalrank_core/search.py).
+- search: the list built by greedy search under the reward model (goalrank_core/search.py);
+- point-wise corr / sort: the model's score of each candidate alone against its true
+  point-wise logit (within-request correlation), and the value of the list sorted by it.
 
 Variants (each adds to the one before): the old defaults (unshown candidates labelled 0 in
 augmented and proposer lists, start from the supervised generator, context layers, 3 epochs);
@@ -61,18 +63,26 @@ def judge(bundle, reward, test, world, users, props, norm) -> dict[str, float]:
     lists, mask = props.lists, (props.lists >= 0).all(-1)
     truth = true_values(world, test, lists, users)
     reward.eval()
-    scores, found = [], []
+    scores, found, solo = [], [], []
     for i in range(0, len(test), 256):
         b = test.batch(slice(i, i + 256))
         scores.append(reward.score(b, torch.from_numpy(lists[i:i + 256]).clamp(min=0)).numpy())
         found.append(greedy_search(reward, b, lists.shape[2]).numpy()[:, None, :])
-    scores = np.concatenate(scores)
+        n = b.candidates.shape[1]  # every candidate alone, at the top: the model's point-wise view
+        one = reward.score(b, torch.arange(n).expand(len(b.candidates), n)[:, :, None])
+        solo.append(one.masked_fill(~b.cand_mask, float("-inf")).numpy())
+    scores, solo = np.concatenate(scores), np.concatenate(solo)  # (R, G), (R, N)
     rnd, best = norm
     nz = lambda v: float(np.mean((v - rnd) / (best - rnd)))  # noqa: E731
     pick = np.where(mask, scores, -np.inf).argmax(1)
     q = ordering_quality(scores, truth, mask)
+    aff = world.affinity(users, test.raw_candidates)  # (R, N) true point-wise logit
+    seen = np.isfinite(solo)
+    corr = [np.corrcoef(solo[r, seen[r]], aff[r, seen[r]])[0, 1] for r in range(len(solo)) if seen[r].sum() > 2]
+    by_solo = np.argsort(-solo, 1)[:, : lists.shape[2]][:, None, :]  # (R, 1, L) sorted by the one-item score
     return {**q, "pick": nz(truth[np.arange(len(pick)), pick]), "group_best": nz(np.where(mask, truth, -np.inf).max(1)),
-            "search": nz(true_values(world, test, np.concatenate(found), users)[:, 0])}
+            "search": nz(true_values(world, test, np.concatenate(found), users)[:, 0]),
+            "pointwise_corr": float(np.nanmean(corr)), "pointwise_sort": nz(true_values(world, test, by_solo, users)[:, 0])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,16 +124,21 @@ def main(argv: list[str] | None = None) -> dict:
         r["seconds"] = round(time.perf_counter() - t0, 1)
         out[name] = {**r, "overrides": over}
         rows.append([name, f"{r['spearman']:.3f}", f"{r['top1']:.3f}", f"{r['top1_value']:.3f}", f"{r['pick']:.3f}",
-                     f"{r['search']:.3f}", f"{r['group_best']:.3f}", f"{r['seconds']:.0f}"])
+                     f"{r['search']:.3f}", f"{r['group_best']:.3f}", f"{r['pointwise_corr']:.3f}",
+                     f"{r['pointwise_sort']:.3f}", f"{r['seconds']:.0f}"])
         print(f"[reward_ordering] {name}: {r}", flush=True)
-    cols = ["reward model", "spearman", "top-1", "top-1 value", "pick (G-E)", "search", "group best", "s"]
+    cols = ["reward model", "spearman", "top-1", "top-1 value", "pick (G-E)", "search", "group best",
+            "point-wise corr", "point-wise sort", "s"]
     result = {"config": {"effect": args.effect, "seed": args.seed, "train_requests": len(tr), "test_requests": len(te)},
               "tables": [table(f"Reward model against the true list value ({args.effect}, {len(te)} test groups)",
                                cols, rows,
                                "Each row adds to the one before. pick = the true value of the reward model's favourite "
                                "in a group of the auxiliary policies' and supervised-generator lists (what G-E "
                                "serves); group best = a perfect evaluator's pick; search = greedy search under the "
-                               "reward model; all normalised (random lists 0, best list found 1).")],
+                               "reward model; all normalised (random lists 0, best list found 1). point-wise corr = "
+                               "the correlation, within a request, of the model's score of each candidate alone "
+                               "with its true point-wise logit; point-wise sort = the value of the list sorted by "
+                               "that score.")],
               "data": out}
     rec.write(result)
     return result
