@@ -64,6 +64,37 @@ def md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def _pins() -> dict[str, str]:
+    """The exact versions this tree pins (requirements.lock), to flag results run on others."""
+    lock = Path(__file__).resolve().parents[1] / "requirements.lock"
+    pins = {}
+    if lock.is_file():
+        for line in lock.read_text().splitlines():
+            name, sep, version = line.strip().partition("==")
+            if sep:
+                pins[name.lower()] = version
+    pins.setdefault("torch", "2.13.0")  # installed before the lock (Makefile), pinned in pyproject.toml
+    return pins
+
+
+def provenance_problems(doc: dict, pins: dict[str, str] | None = None) -> list[str]:
+    """What keeps a result from being reproduced from one commit with the locked versions."""
+    pins = _pins() if pins is None else pins
+    git, m = doc.get("git") or {}, doc.get("machine") or {}
+    out = []
+    if not (git.get("sha") or doc.get("git_sha")):
+        out.append("no commit recorded")
+    elif git.get("dirty"):
+        out.append("written from a tree with uncommitted changes")
+    torch_v = str(m.get("torch") or "")
+    if torch_v and pins.get("torch") and not torch_v.startswith(pins["torch"]):
+        out.append(f"torch {torch_v}, the lock pins {pins['torch']}")
+    py = str(m.get("python") or "")
+    if py and not py.startswith("3.11"):
+        out.append(f"Python {py}, the project needs 3.11")
+    return out
+
+
 def provenance(doc: dict) -> list[str]:
     m = doc.get("machine") or {}
     git = doc.get("git") or {}
@@ -82,6 +113,9 @@ def provenance(doc: dict) -> list[str]:
              f"- machine: {where or 'not recorded'}",
              f"- commit: {sha[:12] if sha else 'unknown'}{' plus uncommitted changes' if git.get('dirty') else ''}; "
              f"finished {doc.get('finished_at', '?')}" + (f"; took {doc['wall_s']:.0f} s" if doc.get("wall_s") is not None else "")]
+    problems = provenance_problems(doc)
+    if problems:
+        lines.append(f"- **provenance: {'; '.join(problems)}** (rerun the command at a clean commit to replace it)")
     if load is not None:
         end = m.get("load_avg_end")
         lines.append(f"- load average (1 min) at start {load}" + (f", at end {end}" if end is not None else "")
@@ -130,6 +164,12 @@ def render(results: list[dict]) -> str:
     if not results:
         return "\n".join(lines + ["No results yet: run `make bench-quick`.", ""])
     lines += ["Contents: " + ", ".join(dict.fromkeys(SECTIONS.get(d["benchmark"], d["benchmark"]) for d in results)), ""]
+    pins = _pins()
+    weak = [(d["_file"], provenance_problems(d, pins)) for d in results]
+    weak = [(f, p) for f, p in weak if p]
+    if weak:
+        lines += [f"{len(weak)} of {len(results)} result files cannot be reproduced from one clean commit with the "
+                  "locked versions; their sections say why: " + "; ".join(f"`{f}` ({', '.join(p)})" for f, p in weak) + ".", ""]
     current = None
     for doc in results:
         if doc["benchmark"] != current:

@@ -179,3 +179,21 @@ def test_bench_score_summary_tables_show_every_run_and_the_ordering_price():
     assert ratios["rows"][1] == ["ratio_2_vs_1_actor", 1.684, 1.7, 1.6, "yes"]
     assert ratios["rows"][-1] == ["ratio_2_actors_unordered_vs_ordered (the price of identical runs)", 1.02, None, None,
                                   None]
+
+
+def test_report_flags_results_that_no_clean_commit_reproduces():
+    from bench.report import provenance_problems, render
+
+    pins = {"torch": "2.13.0"}
+    clean = {"benchmark": "x", "git": {"sha": "a" * 40, "dirty": False}, "machine": {"torch": "2.13.0+cpu", "python": "3.11.9"}}
+    assert provenance_problems(clean, pins) == []
+    dirty = {**clean, "git": {"sha": "b" * 40, "dirty": True}}
+    none = {**clean, "git": {}}
+    other = {**clean, "machine": {"torch": "2.7.1+cu126", "python": "3.12.3"}}
+    assert provenance_problems(dirty, pins) == ["written from a tree with uncommitted changes"]
+    assert provenance_problems(none, pins) == ["no commit recorded"]
+    assert provenance_problems(other, pins) == ["torch 2.7.1+cu126, the lock pins 2.13.0", "Python 3.12.3, the project needs 3.11"]
+    docs = [dict(d, _file=f"{n}.json", mode="quick") for n, d in (("clean", clean), ("dirty", dirty))]
+    md = render(docs)
+    assert "1 of 2 result files cannot be reproduced" in md and "`dirty.json` (written from a tree with uncommitted changes)" in md
+    assert md.count("**provenance:") == 1
