@@ -85,13 +85,13 @@ def score_policies(world, test: pa.Table, lists: dict[str, pa.Table], seed: int)
     return out
 
 
-def run_seed(effect: str, seed: int, mode: str, log) -> dict[str, dict]:
+def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = None) -> dict[str, dict]:
     import torch
 
     from goalrank_core.config import GoalRankConfig
     from goalrank_core.fit import fit_tables
 
-    cfg = GoalRankConfig().override({"train.seed": seed})
+    cfg = GoalRankConfig().override({**(overrides or {}), "train.seed": seed}).for_source("impressions")
     users, per_user = VOLUME[mode]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,16 +138,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--effects", default=",".join(EFFECTS), help="comma-separated effects (default all three)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 3, quick 1)")
     ap.add_argument("--verbose", action="store_true", help="print the fit's log lines")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set group.tau=0.5 (repeatable; default: the default config)")
+    ap.add_argument("--tag", default="", help="suffix of the result file (default: the effects, when not all)")
     args = ap.parse_args(argv)
+    from goalrank.cli.pipeline_cmd import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
     seeds = args.seeds or (1 if args.mode == "quick" else 3)
     effects = [e.strip() for e in args.effects.split(",") if e.strip()]
-    rec = Recorder("simulator", args.mode, tag="" if effects == list(EFFECTS) else "-".join(e.replace("+", "_") for e in effects))
+    rec = Recorder("simulator", args.mode, tag=args.tag or ("" if effects == list(EFFECTS) else
+                                                            "-".join(e.replace("+", "_") for e in effects)))
     t0 = time.perf_counter()
     per_effect, rows, honest_rows = {}, [], []
     for effect in effects:
         runs = []
         for seed in range(seeds):
-            runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose)))
+            runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose), overrides))
             print(f"[simulator] {effect} seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         L = runs[0]["_world"]["L"]
         summary, effect_rows = summarise(effect, runs, L)
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     users, per_user = VOLUME[args.mode]
     result = {
         "config": {"effects": effects, "seeds": list(range(seeds)), "users": users, "requests_per_user": per_user,
-                   "goalrank_config": "default (train.seed = seed)"},
+                   "goalrank_config": {**overrides} if overrides else "default (train.seed = seed)"},
         "tables": [
             table("True value on the simulator (test split; random list 0, best list found 1)",
                   ["effect", "policy", "normalised true value", "goalrank minus policy", f"HR@{L} (logged)",

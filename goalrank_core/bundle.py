@@ -192,6 +192,7 @@ class ModelBundle:
         meta["config"].get("reward", {}).setdefault("folds", 1)  # and before cross-fitting: one model
         meta["config"].get("reward", {}).setdefault("pairwise", False)  # and before the pairwise term
         meta["config"].get("reward", {}).setdefault("causal", False)  # and before causal list encoding
+        meta["config"].get("reward", {}).setdefault("exposure_prior", False)  # and before the exposure prior
         bundle = cls(GoalRankConfig.from_dict(meta["config"]), Vocab(ids), Vocab(users), item_category,
                      Dims(**meta["dims"]))
         for name, kind in meta["models"].items():

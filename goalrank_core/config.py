@@ -147,6 +147,13 @@ class RewardConfig:
         "it, anything else (G-E, serving) by the members' mean (1 = one model that also scores its "
         "own training requests)", 2)
 
+    exposure_prior: bool = _help(
+        "a point-wise head trained on every candidate (a logged click 1, anything else 0: what the "
+        "log says about which items a user takes, exposure included) whose logit, detached, is an input "
+        "of each list item's click logit with a learnt weight; the click model itself still learns from "
+        "observed positions only, so an unshown candidate gets an informed prior instead of an "
+        "arbitrary score", False)
+
     def __post_init__(self) -> None:
         _check(isinstance(self.folds, int) and self.folds >= 1, "reward.folds", f"must be an integer >= 1, got {self.folds!r}")
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")

@@ -44,18 +44,23 @@ class RewardModel(nn.Module):
         self.pair = (nn.Sequential(nn.Linear(_PAIR_FEATURES, 16), nn.GELU(), nn.Linear(16, 1))
                      if cfg.pairwise else None)
         self.point = nn.Linear(d, 1) if cfg.pairwise else None  # an item's attractiveness alone
+        if cfg.exposure_prior:  # P(logged click | u, i) over all N candidates, and its weight in the click logit
+            self.prior = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+            self.prior_scale = nn.Parameter(torch.tensor(0.5))
         nn.init.normal_(self.pos.weight, std=0.02)
         self.register_buffer("dcg", dcg_weights(slate_len), persistent=False)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
-        """lists (B, G, L) positions (-1 = empty) -> (B, G, L) click logits."""
+    def logits(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
+        """lists (B, G, L) positions (-1 = empty) -> (B, G, L) click logits; with `exposure`
+        (and `exposure_prior`) also the (B, N) prior logits of every candidate, for its loss."""
         b, g, l = lists.shape
         if l > self.slate_len:
             raise ValueError(f"lists have length {l}, the reward model was built for {self.slate_len}")
         user, cand = self.embed(batch)  # (B, d), (B, N, d)
+        prior = self.prior(cand)[..., 0] if self.cfg.exposure_prior else None  # (B, N)
         if self.context is not None:  # once per request, shared by its G lists
             x = torch.cat([user[:, None, :], cand], dim=1)  # (B, 1 + N, d)
             pad = torch.cat([torch.zeros_like(batch.cand_mask[:, :1]), ~batch.cand_mask], dim=1)  # (B, 1 + N)
@@ -74,6 +79,10 @@ class RewardModel(nn.Module):
         logit = self.head(torch.cat([h, items], dim=-1)).squeeze(-1)  # (B, G, L)
         if self.pair is not None:
             logit = logit + self._pairwise(batch, lists, items)
+        if prior is not None:  # detached: the click loss calibrates the prior, only its own loss trains it
+            logit = logit + self.prior_scale * gather_positions(prior.detach()[..., None], lists)[..., 0]
+            if exposure:
+                return logit, prior
         return logit
 
     def _pairwise(self, batch: RequestBatch, lists: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -95,9 +104,9 @@ class RewardModel(nn.Module):
         earlier = earlier & (lists >= 0)[..., None, :]  # (B, G, L, L) real earlier items only
         return (self.pair(feats)[..., 0] * earlier).sum(-1)  # (B, G, L)
 
-    def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
         """= logits; training calls the module itself so DDP wrappers sync gradients."""
-        return self.logits(batch, lists)
+        return self.logits(batch, lists, exposure)
 
     def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
         """(B, G, L) -> (B, G, L) click probabilities, 0 at -1 entries."""
@@ -136,8 +145,12 @@ class CrossFitReward(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
-        """lists (B, G, L) -> (K, B, G, L) each member's click logits."""
+    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
+        """lists (B, G, L) -> (K, B, G, L) each member's click logits (with `exposure`: and
+        (K, B, N) their prior logits)."""
+        if exposure and self.cfg.exposure_prior:
+            out = [m(batch, lists, True) for m in self.members]
+            return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
         return torch.stack([m(batch, lists) for m in self.members])
 
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +187,22 @@ def member_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor, 
         rows = torch.ones(lists.shape[0], dtype=torch.bool, device=lists.device) if folds is None else folds != m
         keep = torch.where(rows[:, None, None], lists, torch.full_like(lists, -1))  # other folds' rows: empty
         losses.append(masked_bce(logits[m], keep, labels))
+    return torch.stack(losses).mean()
+
+
+def exposure_bce(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor | None) -> torch.Tensor:
+    """BCE of prior logits (B, N), or (K, B, N) for a CrossFitReward (member k on rows whose
+    fold is not k), against 'the log shows a click on this candidate' over the real candidates."""
+    target = torch.zeros_like(batch.cand_mask, dtype=prior.dtype)  # (B, N)
+    clicked = (batch.labels > 0) & (batch.shown >= 0)  # (B, L)
+    target.scatter_(1, batch.shown.clamp(min=0), clicked.to(prior.dtype))
+    priors = prior if prior.dim() == 3 else prior[None]
+    losses = []
+    for m, p in enumerate(priors):
+        rows = torch.ones(len(target), dtype=torch.bool, device=p.device) if folds is None or prior.dim() == 2 else folds != m
+        mask = (batch.cand_mask & rows[:, None]).to(p.dtype)
+        loss = F.binary_cross_entropy_with_logits(p, target, reduction="none")
+        losses.append((loss * mask).sum() / mask.sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 

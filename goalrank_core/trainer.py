@@ -21,7 +21,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
 from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
-from goalrank_core.reward_model import CrossFitReward, member_bce, request_folds
+from goalrank_core.reward_model import CrossFitReward, exposure_bce, member_bce, request_folds
 
 Log = Callable[[str], None]
 
@@ -124,7 +124,8 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
                 folds: torch.Tensor | None = None) -> torch.Tensor:
     """BCE on the logged list, plus `augment` lists mixing in unshown candidates, plus
     `extra_lists` (B, K, L) (e.g. the group proposers' lists; -1 lists are skipped) labelled
-    from the log (`log_labels`); plus `list_weight` x `list_rank_loss` over those same lists.
+    from the log (`log_labels`); plus `list_weight` x `list_rank_loss` over those same lists;
+    plus, with `reward.exposure_prior`, the prior head's BCE over all candidates (`exposure_bce`).
     A CrossFitReward (logits (K, B, G, L)) learns member k from the rows whose `folds` (B,)
     is not k. Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
     lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
@@ -134,8 +135,14 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
     if extra_lists is not None and extra_lists.shape[1] > 0:
         lists = torch.cat([lists, extra_lists], dim=1)
         labels = torch.cat([labels, log_labels(batch, extra_lists)], dim=1)
-    logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
+    prior = None
+    if getattr(model, "module", model).cfg.exposure_prior:  # (a DDP wrapper holds the model in .module)
+        logits, prior = model(batch, lists, exposure=True)  # + (B, N) or (K, B, N) prior logits
+    else:
+        logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
     loss = member_bce(logits, lists, labels, folds)
+    if prior is not None:
+        loss = loss + exposure_bce(prior, batch, folds)
     if list_weight > 0:
         member_logits = logits if logits.dim() > lists.dim() else logits[None]
         loss = loss + list_weight * torch.stack([list_rank_loss(m, lists, labels) for m in member_logits]).mean()
