@@ -190,22 +190,6 @@ def member_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
-def exposure_bce(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor | None) -> torch.Tensor:
-    """BCE of prior logits (B, N), or (K, B, N) for a CrossFitReward (member k on rows whose
-    fold is not k), against 'the log shows a click on this candidate' over the real candidates."""
-    target = torch.zeros_like(batch.cand_mask, dtype=prior.dtype)  # (B, N)
-    clicked = (batch.labels > 0) & (batch.shown >= 0)  # (B, L)
-    target.scatter_(1, batch.shown.clamp(min=0), clicked.to(prior.dtype))
-    priors = prior if prior.dim() == 3 else prior[None]
-    losses = []
-    for m, p in enumerate(priors):
-        rows = torch.ones(len(target), dtype=torch.bool, device=p.device) if folds is None or prior.dim() == 2 else folds != m
-        mask = (batch.cand_mask & rows[:, None]).to(p.dtype)
-        loss = F.binary_cross_entropy_with_logits(p, target, reduction="none")
-        losses.append((loss * mask).sum() / mask.sum().clamp(min=1))
-    return torch.stack(losses).mean()
-
-
 def masked_bce(logits: torch.Tensor, lists: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean BCE of (B, G, L) logits against labels over the non-empty (>= 0) positions."""
     mask = (lists >= 0).to(logits.dtype)

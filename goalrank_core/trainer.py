@@ -21,7 +21,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, RequestBatch
 from goalrank_core.config import TrainConfig
 from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
-from goalrank_core.reward_model import CrossFitReward, exposure_bce, member_bce, request_folds
+from goalrank_core.reward_model import CrossFitReward, member_bce, request_folds
 
 Log = Callable[[str], None]
 
@@ -87,6 +87,16 @@ def log_labels(batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
     return (eq.to(batch.labels.dtype) * batch.labels[:, None, None, :]).sum(-1)
 
 
+def exposure_loss(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor | None) -> torch.Tensor:
+    """BCE of the exposure prior's logits (B, N), or (K, B, N) for a CrossFitReward (member k on
+    rows whose fold is not k, as member_bce), against 'the log shows a click on this candidate'
+    over the real candidates: every candidate as a one-row list labelled from the log."""
+    b, n = batch.cand_mask.shape
+    cand = torch.arange(n, device=prior.device).expand(b, n).masked_fill(~batch.cand_mask, -1)[:, None, :]  # (B, 1, N)
+    target = (log_labels(batch, cand) > 0).to(prior.dtype)  # (B, 1, N)
+    return member_bce(prior[..., None, :], cand, target, folds)
+
+
 def pick_lists(proposals: torch.Tensor, k: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """k of each request's valid proposals (B, G, L) at random, without replacement ->
     (B, min(k, G), L); fewer valid ones leave -1 lists (masked by the loss)."""
@@ -125,7 +135,7 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
     """BCE on the logged list, plus `augment` lists mixing in unshown candidates, plus
     `extra_lists` (B, K, L) (e.g. the group proposers' lists; -1 lists are skipped) labelled
     from the log (`log_labels`); plus `list_weight` x `list_rank_loss` over those same lists;
-    plus, with `reward.exposure_prior`, the prior head's BCE over all candidates (`exposure_bce`).
+    plus, with `reward.exposure_prior`, the prior head's BCE over all candidates (`exposure_loss`).
     A CrossFitReward (logits (K, B, G, L)) learns member k from the rows whose `folds` (B,)
     is not k. Calls only `model(batch, lists)`, so `model` may be DDP-wrapped."""
     lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
@@ -142,7 +152,7 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
         logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
     loss = member_bce(logits, lists, labels, folds)
     if prior is not None:
-        loss = loss + exposure_bce(prior, batch, folds)
+        loss = loss + exposure_loss(prior, batch, folds)
     if list_weight > 0:
         member_logits = logits if logits.dim() > lists.dim() else logits[None]
         loss = loss + list_weight * torch.stack([list_rank_loss(m, lists, labels) for m in member_logits]).mean()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from goalrank_core.config import RewardConfig
-from goalrank_core.reward_model import CrossFitReward, RewardModel, exposure_bce
-from goalrank_core.trainer import reward_loss
+from goalrank_core.reward_model import CrossFitReward, RewardModel
+from goalrank_core.trainer import exposure_loss, reward_loss
 from gr_helpers import random_batch
 
 
@@ -18,13 +18,13 @@ def _cfg(**kw) -> RewardConfig:
 def test_the_prior_target_is_the_logged_clicks_over_all_candidates():
     b = random_batch(b=3, n=10, l=4, short_rows=1)
     prior = torch.zeros(3, 10)  # logit 0: every BCE term is log 2
-    loss = exposure_bce(prior, b, None)
+    loss = exposure_loss(prior, b, None)
     assert torch.isclose(loss, torch.log(torch.tensor(2.0)))
     # A prior that is right on the clicked candidates and sure of 0 elsewhere has a small loss.
     target = torch.zeros(3, 10)
     target.scatter_(1, b.shown.clamp(min=0), ((b.labels > 0) & (b.shown >= 0)).float())
     good = (target * 2 - 1) * 20.0
-    assert exposure_bce(good, b, None) < 1e-6 < exposure_bce(-good, b, None)
+    assert exposure_loss(good, b, None) < 1e-6 < exposure_loss(-good, b, None)
 
 
 def test_only_the_prior_loss_trains_the_prior_head():
@@ -54,10 +54,10 @@ def test_the_prior_moves_the_click_logit_and_cross_fit_members_keep_their_folds(
     assert logits.shape == (2, 4, 1, 4) and prior.shape == (2, 4, 10)
     folds = torch.tensor([0, 0, 1, 1])
     cross.zero_grad()
-    exposure_bce(prior, b, folds).backward()
+    exposure_loss(prior, b, folds).backward()
     g0 = [p.grad for p in cross.members[0].prior.parameters()]
     assert all(g is not None for g in g0)  # member 0 learns from fold 1's rows
     cross.zero_grad()
     _, prior = cross(b.__class__(*(t[2:] for t in b)), lists[2:], exposure=True)  # fold-1 rows only
-    exposure_bce(prior, b.__class__(*(t[2:] for t in b)), folds[2:]).backward()
+    exposure_loss(prior, b.__class__(*(t[2:] for t in b)), folds[2:]).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in cross.members[1].prior.parameters())
