@@ -40,10 +40,13 @@ class Splits:
     test: pa.Table
     items: pa.Table | None  # schemas.ITEMS
     stats: dict = field(default_factory=dict)
-    # "interactions": impressions built by the protocol from what users rated or clicked (the
-    # shown list is the user's own choice); "impressions": logs of what a system showed.
-    # GoalRankConfig.for_source reads it to decide whether an unshown candidate is a negative.
-    source: str = "impressions"
+
+    @property
+    def source(self) -> str:
+        """"interactions": impressions built by the protocol from what users rated or clicked
+        (the shown list is the user's own choice); "impressions": logs of what a system showed.
+        GoalRankConfig.for_source reads it to decide whether an unshown candidate is a negative."""
+        return self.stats.get("source", "impressions")
 
     def split(self, name: str) -> pa.Table:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -362,8 +365,7 @@ def make_splits(raw: RawData, cfg: ProtocolConfig | None = None, chunk: int = 20
         used = pa.concat_arrays([pc.list_flatten(tables[s].column(c)).combine_chunks()
                                  for s in SPLITS for c in ("candidates", "history")])
         items = items.filter(pc.is_in(items.column("item_id"), value_set=pc.unique(used)))
-    return Splits(tables["train"], tables["valid"], tables["test"], items, {**stats, "source": "interactions"},
-                  source="interactions")
+    return Splits(tables["train"], tables["valid"], tables["test"], items, {**stats, "source": "interactions"})
 
 
 def _request_order(table: pa.Table, by_user: bool) -> np.ndarray:
@@ -429,7 +431,7 @@ def split_impressions(table: pa.Table, items: pa.Table | None = None, cfg: Proto
     # keep each split in time order per user
     tables = {n: tb.take(pc.sort_indices(tb, [("user_id", "ascending"), ("timestamp", "ascending")])) for n, tb in tables.items()}
     stats = _stats(tables, dataset="impressions", split=cfg.split, source="impressions", **extra)
-    return Splits(tables["train"], tables["valid"], tables["test"], items, stats, source="impressions")
+    return Splits(tables["train"], tables["valid"], tables["test"], items, stats)
 
 
 def load_splits(dataset: str | None = None, impressions: str | None = None, items: str | None = None,
