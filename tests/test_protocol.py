@@ -310,6 +310,13 @@ def test_the_source_decides_whether_an_unshown_candidate_is_a_negative():
     assert unk.reward.unshown == "unknown" and unk.reward.labelled_lists == (0, 0)
     explicit = cfg.override({"reward.unshown": "negative"})
     assert explicit.for_source("impressions").reward.unshown == "negative"  # an explicit choice stays
+    assert explicit.for_source("interactions") == explicit  # ... and so does every reward field beside it
+    # auto brings the source's reward recipe for the fields left at their defaults; a field set stays
+    assert (neg.reward.init_from_supervised, neg.reward.context_layers, neg.train.reward_epochs) == (True, 2, 3)
+    assert (neg.reward.pairwise, neg.reward.causal, neg.reward.folds) == (False, False, 1)
+    assert (unk.reward.pairwise, unk.reward.folds, unk.train.reward_epochs) == (True, 2, 8)  # the list-wise defaults
+    kept = cfg.override({"reward.folds": 3, "train.reward_epochs": 5}).for_source("interactions")
+    assert (kept.reward.folds, kept.train.reward_epochs, kept.reward.pairwise) == (3, 5, False)
     with pytest.raises(ConfigError, match="reward.unshown"):
         cfg.override({"reward.unshown": "zero"})
     with pytest.raises(ConfigError, match="unknown data source"):
