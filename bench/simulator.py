@@ -10,6 +10,7 @@ the best list found by search with the true model (or any policy's list, when be
 world is honest when the true-relevance sort stays <= 0.6.
 
     python -m bench.simulator [--mode quick|full] [--effects saturation,pairs,cascade] [--seeds 3]
+    python -m bench.simulator --mode quick --reward true   # the loop's ceiling: pi_ref from true list values
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def score_policies(world, test: pa.Table, lists: dict[str, pa.Table], seed: int)
     return out
 
 
-def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = None) -> dict[str, dict]:
+def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = None,
+             true_reward: bool = False) -> dict[str, dict]:
     import torch
 
     from goalrank_core.config import GoalRankConfig
@@ -97,7 +99,13 @@ def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = No
     with tempfile.TemporaryDirectory() as tmp:
         world, splits = world_and_splits(effect, seed, users, per_user, cfg, Path(tmp))
     log(f"{effect} seed {seed}: train {splits.train.num_rows}, valid {splits.valid.num_rows}, test {splits.test.num_rows}")
-    bundle = fit_tables(splits.train, splits.valid, cfg, splits.items, log=log)
+    oracle = None
+    if true_reward:  # the loop's ceiling: pi_ref (and G-E's pick) from each list's true value
+        from goalrank_core.simulator import TrueReward
+
+        def oracle(b):
+            return TrueReward(world, b.item_vocab.ids, b.user_vocab.ids)
+    bundle = fit_tables(splits.train, splits.valid, cfg, splits.items, log=log, reward_model=oracle)
     res = score_policies(world, splits.test, policy_lists(bundle, world, splits.test, seed), seed)
     res["_world"]["train_requests"] = splits.train.num_rows
     return res
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--verbose", action="store_true", help="print the fit's log lines")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set group.tau=0.5 (repeatable; default: the default config)")
+    ap.add_argument("--reward", choices=("trained", "true"), default="trained",
+                    help="true: the world's exact list value replaces the trained reward model (the loop's ceiling)")
     ap.add_argument("--tag", default="", help="suffix of the result file (default: the effects, when not all)")
     args = ap.parse_args(argv)
     from goalrank.cli.pipeline_cmd import parse_overrides
@@ -147,14 +157,16 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides(args.overrides)
     seeds = args.seeds or (1 if args.mode == "quick" else 3)
     effects = [e.strip() for e in args.effects.split(",") if e.strip()]
-    rec = Recorder("simulator", args.mode, tag=args.tag or ("" if effects == list(EFFECTS) else
-                                                            "-".join(e.replace("+", "_") for e in effects)))
+    default_tag = "-".join(([] if effects == list(EFFECTS) else [e.replace("+", "_") for e in effects])
+                           + (["true-reward"] if args.reward == "true" else []))
+    rec = Recorder("simulator", args.mode, tag=args.tag or default_tag)
     t0 = time.perf_counter()
     per_effect, rows, honest_rows = {}, [], []
     for effect in effects:
         runs = []
         for seed in range(seeds):
-            runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose), overrides))
+            runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose), overrides,
+                                 args.reward == "true"))
             print(f"[simulator] {effect} seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         L = runs[0]["_world"]["L"]
         summary, effect_rows = summarise(effect, runs, L)
@@ -171,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     users, per_user = VOLUME[args.mode]
     result = {
         "config": {"effects": effects, "seeds": list(range(seeds)), "users": users, "requests_per_user": per_user,
-                   "goalrank_config": {**overrides} if overrides else "default (train.seed = seed)"},
+                   "goalrank_config": {**overrides} if overrides else "default (train.seed = seed)",
+                   "reward": args.reward},
         "tables": [
             table("True value on the simulator (test split; random list 0, best list found 1)",
                   ["effect", "policy", "normalised true value", "goalrank minus policy", f"HR@{L} (logged)",

@@ -228,17 +228,21 @@ def valid_ordering(valid: EncodedRequests | None, policies: list, generator: nn.
 
 
 def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: ModelBundle, log: Log = print,
-                 policies: list | None = None, list_value: ListValue | None = None) -> ModelBundle:
+                 policies: list | None = None, list_value: ListValue | None = None,
+                 reward_model: nn.Module | None = None) -> ModelBundle:
     """Train reward model, auxiliary policies (unless `bundle` already has them) and the
     GoalRank generator into `bundle` (also returned). `policies` overrides the auxiliary
     proposers (ListPolicy objects); default: the configured auxiliary policies plus the
     supervised generator. Each round's diagnostics (goalrank_core/diagnostics.py) are logged
     and kept in `bundle.fit_report`; the reward model's ordering is measured on the valid
     requests' groups against `list_value` (a simulator's true value) or, without it, their
-    logged DCG."""
+    logged DCG. `reward_model` (for example the simulator's TrueReward) replaces the trained
+    reward model: the loop's ceiling when pi_ref comes from true list values."""
 
     cfg = bundle.config
     t0 = time.perf_counter()
+    if reward_model is not None:
+        bundle.models["reward"] = reward_model
     if policies is None:
         if "supervised" not in bundle.models:
             fit_policies(bundle, train, valid, log)
@@ -271,11 +275,14 @@ def fit_goalrank(train: EncodedRequests, valid: EncodedRequests | None, bundle: 
 
 
 def fit_tables(train: pa.Table, valid: pa.Table | None, config: GoalRankConfig, items: pa.Table | None = None,
-               log: Log = print, list_value: ListValue | None = None) -> ModelBundle:
-    """fit_goalrank from impressions tables: builds vocabularies, encodes, fits."""
+               log: Log = print, list_value: ListValue | None = None,
+               reward_model: Callable[[ModelBundle], nn.Module] | None = None) -> ModelBundle:
+    """fit_goalrank from impressions tables: builds vocabularies, encodes, fits. `reward_model`
+    builds a fixed reward model from the bundle (its vocabularies) instead of training one."""
     bundle = build_bundle(train, config, items)
     tr = encode(bundle, train)
     va = encode(bundle, valid) if valid is not None and valid.num_rows else None
     log(f"train {len(tr)} requests, valid {len(va) if va is not None else 0}; items {bundle.dims.n_items}, "
         f"users {bundle.dims.n_users}, N {tr.candidates.shape[1]}, L {bundle.dims.slate_len}")
-    return fit_goalrank(tr, va, bundle, log, list_value=list_value)
+    return fit_goalrank(tr, va, bundle, log, list_value=list_value,
+                        reward_model=reward_model(bundle) if reward_model is not None else None)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.schemas import ITEMS
@@ -281,3 +282,34 @@ def simulate_logs(world: World, n_requests: int = 16000, n_candidates: int = 50,
     ts = T0 + step * DAY + rng.integers(0, 3600, n_requests)
     table = log_requests(world, user, step, ts, n_candidates, L, history_len, rng, "sim")
     return table, world.items_table()
+
+
+class TrueReward(torch.nn.Module):
+    """A reward model that knows the world: score(batch, lists) = each list's exact expected
+    clicks. Plugged into the fit instead of a trained reward model (`fit_tables(reward=...)`,
+    `python -m bench.simulator --reward true`), it measures the ceiling of the group-relative
+    loop itself: what GoalRank reaches when pi_ref is built from true list values."""
+
+    def __init__(self, world: World, item_ids: np.ndarray, user_ids: np.ndarray):
+        super().__init__()
+        self.world = world
+        # dense index -> raw id (0 = PAD, 1 = UNK: not a world id, -1)
+        self.items = np.concatenate([[-1, -1], np.asarray(item_ids, np.int64)])
+        self.users = np.concatenate([[-1, -1], np.asarray(user_ids, np.int64)])
+        self._device = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # where batches live
+
+    @torch.no_grad()
+    def score(self, batch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G, L) positions into the candidates (-1 = empty) -> (B, G) expected clicks of the
+        list's leading real items (a list is cut at its first empty entry)."""
+        b, g, l = lists.shape
+        users = self.users[batch.user.cpu().numpy()]  # (B,)
+        if (users < 0).any():
+            raise GoalRankInputError("TrueReward: a request's user is not in the vocabulary")
+        cand = self.items[batch.candidates.cpu().numpy()]  # (B, N) raw ids
+        pos = lists.cpu().numpy()
+        raw = np.take_along_axis(cand, np.maximum(pos, 0).reshape(b, g * l), 1).reshape(b, g, l)
+        probs = self.world.click_probs(np.repeat(users, g), np.where(pos >= 0, raw, cand[:, :1, None]).reshape(b * g, l))
+        real = np.cumprod(pos.reshape(b * g, l) >= 0, axis=1)  # (B*G, L) up to the first -1
+        value = (probs * real).sum(-1).reshape(b, g)
+        return torch.from_numpy(value.astype(np.float32)).to(lists.device)

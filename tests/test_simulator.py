@@ -194,3 +194,28 @@ def test_bench_scoring_shares_one_best():
     assert res["_world"]["upper"] >= res["_world"]["best"] >= res["_world"]["search_best"]
     summary, rows = summarise("cascade", [res], 4)
     assert rows[0][1] == "goalrank" and summary[LOGGED]["goalrank_minus"]["mean"] > 0
+
+
+def test_true_reward_scores_lists_by_their_exact_value():
+    import torch
+
+    from goalrank_core.bundle import build_bundle, encode
+    from goalrank_core.config import GoalRankConfig
+    from goalrank_core.simulator import TrueReward
+
+    w = make_world("saturation+cascade", seed=0, n_users=20, n_items=80)
+    imp, items = simulate_logs(w, n_requests=40, n_candidates=20, seed=0)
+    bundle = build_bundle(imp, GoalRankConfig(), items)
+    batch = encode(bundle, imp).batch(np.arange(5))
+    reward = TrueReward(w, bundle.item_vocab.ids, bundle.user_vocab.ids)
+    lists = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(i))[:10] for i in range(15)]).reshape(5, 3, 10)
+    cand = np.array(imp.column("candidates").to_pylist())[:5]
+    users = imp.column("user_id").to_numpy()[:5]
+    raw = np.take_along_axis(cand, lists.numpy().reshape(5, 30), 1).reshape(5, 3, 10)
+    want = np.stack([w.expected_clicks(users, raw[:, g]) for g in range(3)], 1)
+    np.testing.assert_allclose(reward.score(batch, lists).numpy(), want, rtol=1e-5)
+    # a list cut short (-1) is worth its leading items: the world reads top-down
+    short = lists.clone()
+    short[:, :, 4:] = -1
+    np.testing.assert_allclose(reward.score(batch, short).numpy(),
+                               np.stack([w.expected_clicks(users, raw[:, g, :4]) for g in range(3)], 1), rtol=1e-5)
