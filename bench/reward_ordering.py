@@ -18,6 +18,7 @@ observed positions only; 8 epochs, no context layers; the pairwise term; causal 
 cross-fitting over 2 folds (today's defaults).
 
     python -m bench.reward_ordering [--effect saturation] [--mode quick|full]
+    python -m bench.reward_ordering --mode quick --set reward.exposure_prior=true   # defaults against one change
 """
 from __future__ import annotations
 
@@ -98,8 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--effect", default="saturation")
     ap.add_argument("--mode", choices=("quick", "full"), default="full")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="compare the defaults with the defaults plus these overrides instead of the ablation")
+    ap.add_argument("--tag", default="", help="suffix of the result file (default: the effect)")
     args = ap.parse_args(argv)
-    rec = Recorder("reward_ordering", args.mode, tag=args.effect)
+    from goalrank.cli.pipeline_cmd import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    variants = VARIANTS if not overrides else [("defaults", {}), ("+ " + ", ".join(args.overrides), overrides)]
+    rec = Recorder("reward_ordering", args.mode, tag=args.tag or args.effect)
     users_n, per_user = VOLUME[args.mode]
     base = GoalRankConfig().override({"train.seed": args.seed})
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = best_lists(world, users, te.raw_candidates, L, seed=args.seed)[1]
     norm = (random_value(world, users, te.raw_candidates, L, seed=args.seed), best)
     rows, out = [], {}
-    for name, over in VARIANTS:
+    for name, over in variants:
         t0 = time.perf_counter()
         bundle.config = base.override(over)
         bundle.models.pop("reward", None)
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {"effect": args.effect, "seed": args.seed, "train_requests": len(tr), "test_requests": len(te)},
               "tables": [table(f"Reward model against the true list value ({args.effect}, {len(te)} test groups)",
                                cols, rows,
-                               "Each row adds to the one before. pick = the true value of the reward model's favourite "
+                               ("Each row adds to the one before. " if not overrides else "") + "pick = the true value of the reward model's favourite "
                                "in a group of the auxiliary policies' and supervised-generator lists (what G-E "
                                "serves); group best = a perfect evaluator's pick; search = greedy search under the "
                                "reward model; all normalised (random lists 0, best list found 1). point-wise corr = "

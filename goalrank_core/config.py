@@ -165,10 +165,16 @@ class RewardConfig:
         "of each list item's click logit with a learnt weight; the click model itself still learns from "
         "observed positions only, so an unshown candidate gets an informed prior instead of an "
         "arbitrary score", False)
+    exposure_target: str = _help(
+        "what the exposure prior learns over all candidates: `click` (the log shows a click on it) or "
+        "`shown` (the logging policy showed it: where that policy knew something about the user, being "
+        "chosen is itself evidence of relevance, with ten times the positives of clicks)", "click")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.folds, int) and self.folds >= 1, "reward.folds", f"must be an integer >= 1, got {self.folds!r}")
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
+        _check(self.exposure_target in ("click", "shown"), "reward.exposure_target",
+               f"must be click or shown, got {self.exposure_target!r}")
         _check(self.unshown in UNSHOWN, "reward.unshown", f"must be one of {', '.join(UNSHOWN)}, got {self.unshown!r}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")

@@ -87,14 +87,19 @@ def log_labels(batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
     return (eq.to(batch.labels.dtype) * batch.labels[:, None, None, :]).sum(-1)
 
 
-def exposure_loss(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor | None) -> torch.Tensor:
+def exposure_loss(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor | None, target: str = "click") -> torch.Tensor:
     """BCE of the exposure prior's logits (B, N), or (K, B, N) for a CrossFitReward (member k on
     rows whose fold is not k, as member_bce), against 'the log shows a click on this candidate'
-    over the real candidates: every candidate as a one-row list labelled from the log."""
+    (`target` click) or 'the log shows this candidate' (shown) over the real candidates: every
+    candidate as a one-row list labelled from the log."""
     b, n = batch.cand_mask.shape
     cand = torch.arange(n, device=prior.device).expand(b, n).masked_fill(~batch.cand_mask, -1)[:, None, :]  # (B, 1, N)
-    target = (log_labels(batch, cand) > 0).to(prior.dtype)  # (B, 1, N)
-    return member_bce(prior[..., None, :], cand, target, folds)
+    if target == "shown":
+        shown = batch.shown[:, None, None, :]  # (B, 1, 1, L)
+        label = ((cand[..., None] == shown) & (shown >= 0) & (cand[..., None] >= 0)).any(-1)  # (B, 1, N)
+    else:
+        label = log_labels(batch, cand) > 0  # (B, 1, N)
+    return member_bce(prior[..., None, :], cand, label.to(prior.dtype), folds)
 
 
 def pick_lists(proposals: torch.Tensor, k: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -152,7 +157,7 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
         logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
     loss = member_bce(logits, lists, labels, folds)
     if prior is not None:
-        loss = loss + exposure_loss(prior, batch, folds)
+        loss = loss + exposure_loss(prior, batch, folds, getattr(model, "module", model).cfg.exposure_target)
     if list_weight > 0:
         member_logits = logits if logits.dim() > lists.dim() else logits[None]
         loss = loss + list_weight * torch.stack([list_rank_loss(m, lists, labels) for m in member_logits]).mean()

@@ -27,6 +27,15 @@ def test_the_prior_target_is_the_logged_clicks_over_all_candidates():
     assert exposure_loss(good, b, None) < 1e-6 < exposure_loss(-good, b, None)
 
 
+def test_the_shown_target_is_what_the_logging_policy_showed():
+    b = random_batch(b=3, n=10, l=4, short_rows=1)
+    shown = torch.zeros(3, 10)
+    for r in range(3):  # every shown candidate, clicked or not
+        shown[r, b.shown[r][b.shown[r] >= 0]] = 1.0
+    good = (shown * 2 - 1) * 20.0
+    assert exposure_loss(good, b, None, "shown") < 1e-6 < exposure_loss(good, b, None, "click")
+
+
 def test_only_the_prior_loss_trains_the_prior_head():
     torch.manual_seed(0)
     model = RewardModel(_cfg(), 40, 10, 4, 4)
