@@ -21,6 +21,7 @@ SECTIONS = {
     "oracle_groups": "Headroom of group-relative training over its supervised start",
     "simulator": "True list value on the list-wise simulator (known optimum)",
     "reward_ordering": "Does the reward model know what a list is worth? (simulator ablation)",
+    "loop_ceiling": "Reward model or loop? GoalRank with the true list value as its reward",
     "group_size": "Group size |B| (the paper's Table 2)",
     "scaling": "Scaling with generator size (the paper's Figure 3)",
     "latency": "Latency: GoalRank against Generator-Evaluator",

@@ -219,3 +219,19 @@ def test_true_reward_scores_lists_by_their_exact_value():
     short[:, :, 4:] = -1
     np.testing.assert_allclose(reward.score(batch, short).numpy(),
                                np.stack([w.expected_clicks(users, raw[:, g, :4]) for g in range(3)], 1), rtol=1e-5)
+
+
+def test_a_fit_with_the_true_reward_trains_no_reward_model_and_scores_groups_by_true_value():
+    from gr_helpers import tiny_config
+
+    from goalrank_core.fit import fit_tables
+    from goalrank_core.simulator import TrueReward
+
+    w = make_world("saturation", seed=0, n_users=20, n_items=80, slate_len=4)
+    imp, items = simulate_logs(w, n_requests=80, n_candidates=12, seed=0)
+    lines: list[str] = []
+    bundle = fit_tables(imp, None, tiny_config(), items, log=lines.append,
+                        reward_model=lambda b: TrueReward(w, b.item_vocab.ids, b.user_vocab.ids))
+    assert isinstance(bundle.models["reward"], TrueReward)
+    assert not any(line.startswith("reward model") for line in lines)  # nothing trained in its place
+    assert bundle.fit_report and bundle.fit_report[0]["round"] == 1
