@@ -75,6 +75,9 @@ def generate_candidates(prepared: str, policies: str, generator: str | None, out
     def body(out: str) -> dict:
         compute, res = actor_pool(pool_size())
         ds = read_dataset(storage.join(prepared, "train"), "candidates: train split")
+        # One batch per block, as in `score`: a split written as one Parquet file is otherwise one
+        # block, and one block feeds one actor of the pool (measured on ML-1M: 1 of 2 actors busy).
+        ds = ds.repartition(target_num_rows_per_block=config.train.batch_size)
         groups = ds.map_batches(
             Proposer, fn_constructor_args=(storage.normalize(policies), storage.normalize(generator) if generator else None,
                                            config.to_dict(), round),
