@@ -17,14 +17,8 @@ from goalrank_core.schemas import CANDIDATE_GROUPS
 from tasks import storage
 from tasks._data import batch_seed, device, load_bundle, read_dataset, write_dataset
 from tasks._groups import positions_to_rows
-from tasks.ray_runtime import actor_pool, ensure_ray
+from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
-
-
-def pool_size() -> int:
-    import os
-
-    return int(os.environ.get("GOALRANK_DATA_ACTORS", "2"))
 
 
 class Proposer:

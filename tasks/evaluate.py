@@ -14,8 +14,7 @@ from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS, METRICS, RANKED
 from tasks import storage
 from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset
-from tasks.candidates import pool_size
-from tasks.ray_runtime import actor_pool, ensure_ray
+from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 
 EVAL_SPLITS = ("valid", "test")

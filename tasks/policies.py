@@ -6,20 +6,14 @@ heuristic statistics as tensors.
 """
 from __future__ import annotations
 
-import os
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
 from tasks._data import load_bundle, save_bundle
 from tasks._memory import self_peak_mb
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage
-
-
-def task_cpus() -> float:
-    """CPUs of the policy-training task (GOALRANK_POLICY_TASK_CPUS, default 1)."""
-    return float(os.environ.get("GOALRANK_POLICY_TASK_CPUS", "1"))
 
 
 def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> dict:

@@ -158,6 +158,16 @@ def use_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def pool_size() -> int:
+    """Actors of each Ray Data stage's pool (GOALRANK_DATA_ACTORS, default 2)."""
+    return int(os.environ.get("GOALRANK_DATA_ACTORS", "2"))
+
+
+def task_cpus() -> float:
+    """CPUs of the policy-training and proposals tasks (GOALRANK_POLICY_TASK_CPUS, default 1)."""
+    return float(os.environ.get("GOALRANK_POLICY_TASK_CPUS", "1"))
+
+
 def actor_pool(size: int) -> tuple[Any, dict[str, float]]:
     """(compute strategy, resource kwargs) for `map_batches` with a pool of `size` actors."""
     import ray.data

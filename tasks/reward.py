@@ -20,7 +20,6 @@ stage (its fingerprint is in the manifest), so new policies retrain the reward m
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -34,7 +33,7 @@ from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
 from tasks._data import load_bundle
 from tasks._train import TrainSpec, train_and_save
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage, stage_fingerprint
 
 PROPOSALS = "proposals"  # the training Dataset's column of proposer lists
@@ -157,11 +156,6 @@ class RewardSpec(TrainSpec):
         if self.valid is None:
             return float("nan")
         return mean_reward_loss(model, self.valid, 4 * self.config.train.batch_size, self.valid_props)
-
-
-def task_cpus() -> float:
-    """CPUs of the proposals task (GOALRANK_POLICY_TASK_CPUS, default 1: as the policies stage)."""
-    return float(os.environ.get("GOALRANK_POLICY_TASK_CPUS", "1"))
 
 
 def train_reward_model(prepared: str, policies: str | None, out: str, config: GoalRankConfig, *,

@@ -23,8 +23,7 @@ from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
 from tasks import storage
 from tasks._data import device, load_bundle, read_dataset, write_dataset
 from tasks._groups import RequestIndex, groups_to_positions, masked_lists
-from tasks.candidates import pool_size
-from tasks.ray_runtime import actor_pool, ensure_ray
+from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 
 _ROWS_PER_FILE = 16_384  # output parts of about 16k groups, not one small file per batch

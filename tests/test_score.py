@@ -150,7 +150,7 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     batches, and so a flow's results, depend on it), and the manifest keeps the actors' timing."""
     from tasks import storage
     from tasks._data import save_bundle
-    from tasks.candidates import pool_size
+    from tasks.ray_runtime import pool_size
     from tasks.score import score, score_batch
     from tasks.stages import stage_uri
 
