@@ -6,7 +6,8 @@ world's exact list value in its place (`goalrank_core.simulator.TrueReward`: a p
 model). With the true value, pi_ref is right on every training group, so what GoalRank then
 misses is the loop's own loss: how sharply pi_ref concentrates (`group.tau`), how long and how
 often the generator trains on its groups (`train.epochs`, `group.rounds`), whether any list in
-the group is better than the proposers' (`group.search_lists`), and how far a generator fitted
+the group is better than the proposers' (`group.search_lists`; the last variant also gives the
+trained reward model the exposure prior it needs for the search to help), and how far a generator fitted
 to a few thousand requests generalises. G-E with the true value is a perfect evaluator's pick
 among the proposers.
 
@@ -25,6 +26,8 @@ VARIANTS = [
     ("tau 0.1, 4 epochs x 2 rounds", {"group.tau": 0.1, "train.epochs": 4, "group.rounds": 2}),
     ("tau 0.1, 4 epochs x 2 rounds, search lists", {"group.tau": 0.1, "train.epochs": 4, "group.rounds": 2,
                                                     "group.search_lists": True}),
+    ("search lists, shown-exposure prior", {"group.search_lists": True, "reward.exposure_prior": True,
+                                            "reward.exposure_target": "shown"}),
 ]
 SHOWN = ("goalrank", "g-e", "true-relevance sort", "popularity", "mmr", "supervised")
 
