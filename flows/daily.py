@@ -405,6 +405,9 @@ def goalrank_daily(
         # reward.unshown: auto -> negative for a named data set (built from what users chose),
         # unknown for impression logs (what a system showed).
         cfg = resolve_config(config, overrides).for_source("interactions" if dataset else "impressions")
+        if cfg.group.search_lists:  # refused, not ignored: the stages build groups without it
+            raise ConfigError("group.search_lists is supported by the in-process fit (goalrank fit) only, "
+                              "not yet by the daily flow's stages")
         run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
         from goalrank_core.partitions import parse_date
 

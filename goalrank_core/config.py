@@ -203,7 +203,8 @@ class GroupConfig:
         "training groups only, never used to rank", True)
     search_lists: bool = _help(
         "put a list built by greedy search under the reward model (goalrank_core/search.py) in each "
-        "training group, the one proposal that could beat every proposer; training only, never served. "
+        "training group, the one proposal that could beat every proposer; training only, never served; "
+        "`goalrank fit` only (the daily flow refuses it). "
         "Off by default: on the simulator the search exploits the reward model's errors (its lists are "
         "worth less than the reward model's pick among the proposers: docs/results.md)", False)
     search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
