@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goalrank_core.batch import PAD, UNK, EncodedRequests, RequestBatch
+from goalrank_core.batch import PAD, EncodedRequests, RequestBatch
 from goalrank_core.config import PolicyConfig, TrainConfig
 from goalrank_core.errors import GoalRankInputError
+from goalrank_core.layers import in_table
 from goalrank_core.policies import ListPolicy, ScorePolicy, propose_all
 
 # ---------------------------------------------------------------- models
@@ -42,19 +43,15 @@ class _Features(nn.Module):
         for emb in (self.user, self.item, self.category):
             nn.init.normal_(emb.weight, std=0.05)
 
-    @staticmethod
-    def _safe(idx: torch.Tensor, n: int, fallback: int) -> torch.Tensor:
-        return torch.where(idx < n, idx, torch.full_like(idx, fallback))
-
     def forward(self, b: RequestBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> user (B, d), history mean (B, d), items (B, N, d), categories (B, N, d)."""
         n_item = self.item.num_embeddings
-        user = self.user(self._safe(b.user, self.user.num_embeddings, UNK))
-        hist = self.item(self._safe(b.history, n_item, UNK))  # (B, H, d), PAD rows are zero
+        user = self.user(in_table(b.user, self.user.num_embeddings))
+        hist = self.item(in_table(b.history, n_item))  # (B, H, d), PAD rows are zero
         hmask = (b.history != PAD).to(hist.dtype)  # (B, H)
         hist_mean = hist.sum(1) / hmask.sum(1, keepdim=True).clamp(min=1)
-        items = self.item(self._safe(b.candidates, n_item, UNK))
-        cats = self.category(self._safe(b.category, self.category.num_embeddings, 0))
+        items = self.item(in_table(b.candidates, n_item))
+        cats = self.category(in_table(b.category, self.category.num_embeddings, 0))
         return user, hist_mean, items, cats
 
 

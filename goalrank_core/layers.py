@@ -11,6 +11,12 @@ from torch import nn
 from goalrank_core.batch import PAD, UNK, RequestBatch
 
 
+def in_table(idx: torch.Tensor, n: int, fallback: int = UNK) -> torch.Tensor:
+    """Indices beyond an embedding table of n rows (ids added after training) -> `fallback`
+    (the UNK row), never a clamp onto the last real id."""
+    return torch.where(idx < n, idx, torch.full_like(idx, fallback))
+
+
 def transformer(d: int, n_layers: int, n_heads: int, ff_mult: int, dropout: float) -> nn.TransformerEncoder:
     """Pre-norm Transformer encoder, batch first. Nested tensors are off: they only help
     post-norm layers and make outputs depend on the padding layout."""
@@ -55,10 +61,10 @@ class RequestEmbedder(nn.Module):
     def forward(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (user (B, d), candidates (B, N, d))."""
         n_item = self.item.num_embeddings
-        cand_idx = self._unk(batch.candidates).clamp(0, n_item - 1)
-        hist_idx = batch.history.clamp(0, n_item - 1)
-        user_idx = self._unk(batch.user).clamp(0, self.user.num_embeddings - 1)
-        cat = torch.where(batch.category < self.n_categories, batch.category, torch.zeros_like(batch.category))
+        cand_idx = in_table(self._unk(batch.candidates), n_item)
+        hist_idx = in_table(batch.history, n_item)
+        user_idx = in_table(self._unk(batch.user), self.user.num_embeddings)
+        cat = in_table(batch.category, self.n_categories, 0)
 
         cand = self.item(cand_idx) + self.category(cat)  # (B, N, d)
         hist = self.item(hist_idx)  # (B, H, d)

@@ -32,3 +32,23 @@ def test_a_circle_in_the_core_breaks_the_contract(tmp_path):
     ranking.write_text(ranking.read_text() + "\nfrom goalrank_core import fit  # noqa: E402\n")
     out = _lint(tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})  # the copy, not the checkout
     assert out.returncode != 0 and "BROKEN" in out.stdout and ".ranking -> .fit" in out.stdout, out.stdout[-2000:]
+
+
+def test_an_index_beyond_the_embedding_table_reads_unk_everywhere():
+    """Ids added after training (a bigger vocabulary than the model's tables) embed as UNK in
+    the generator/reward embedder and in the baselines alike, never as the last real item."""
+    import torch
+
+    from goalrank_core.batch import UNK
+    from goalrank_core.layers import RequestEmbedder, in_table
+    from gr_helpers import random_batch
+
+    idx = torch.tensor([0, 1, 5, 39, 40, 99])
+    assert in_table(idx, 40).tolist() == [0, 1, 5, 39, UNK, UNK]
+    torch.manual_seed(0)
+    emb = RequestEmbedder(8, 40, 10, 4, dropout=0.0, unk_rate=0.0).eval()
+    b = random_batch(b=2, n=12, n_items=40, short_rows=0)
+    beyond = type(b)(**{**b._asdict(), "candidates": b.candidates.clone().index_fill_(1, torch.tensor([0]), 77)})
+    as_unk = type(b)(**{**b._asdict(), "candidates": b.candidates.clone().index_fill_(1, torch.tensor([0]), UNK)})
+    with torch.no_grad():
+        assert torch.allclose(emb(beyond)[1], emb(as_unk)[1])
