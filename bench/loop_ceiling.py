@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
             t1 = time.perf_counter()
             res = run_seed(args.effect, args.seed, args.mode, log_to(f"ceiling {name} {reward}", quiet=not args.verbose),
                            over, true_reward=reward == "true")
+            seconds = time.perf_counter() - t1
             vals = {p: res[p]["normalised"] for p in SHOWN if p in res}
             best_aux = max((v for p, v in vals.items() if p not in ("goalrank", "g-e")), default=float("nan"))
             data[f"{name} / {reward}"] = {"overrides": over, "reward": reward, "normalised": vals,
-                                          "seconds": round(time.perf_counter() - t1, 1)}
+                                          "seconds": round(seconds, 1)}
             rows.append([name, reward, f"{vals['goalrank']:.3f}", f"{vals['g-e']:.3f}",
-                         f"{vals['goalrank'] - best_aux:+.3f}", f"{time.perf_counter() - t1:.0f}"])
+                         f"{vals['goalrank'] - best_aux:+.3f}", f"{seconds:.0f}"])
             print(f"[loop_ceiling] {name} / {reward}: goalrank {vals['goalrank']:.3f}, g-e {vals['g-e']:.3f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     ref = data["defaults / trained"]["normalised"]

@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set train.epochs=2 (repeatable)")
     ap.add_argument("--verbose", action="store_true", help="print the trainers' epoch lines")
-    ap.add_argument("--tag", default="", help="suffix of the result file, main_table_{mode}_{tag}.json (default: the --datasets) "
-                    "(e.g. the data set, so one data set's run does not replace another's)")
+    ap.add_argument("--tag", default="", help="suffix of the result file, main_table_{mode}_{tag}.json (default: the --datasets, "
+                    "so one data set's run does not replace another's)")
     args = ap.parse_args(argv)
     rec = Recorder("main_table", args.mode, tag=args.tag or (args.datasets.replace(",", "_") if args.datasets else ""))
     mode = MODES[args.mode]

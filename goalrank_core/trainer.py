@@ -79,11 +79,17 @@ def augment_lists(batch: RequestBatch, n: int, gen: torch.Generator | None = Non
     return lists, torch.where(replace, torch.zeros_like(labels), labels)
 
 
+def shown_match(batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+    """lists (B, G, L) positions -> (B, G, L, L') bool: entry p of a list is the candidate the
+    log showed at position q (-1 entries on either side match nothing)."""
+    shown = batch.shown[:, None, None, :]  # (B, 1, 1, L')
+    return (lists[..., None] == shown) & (shown >= 0) & (lists[..., None] >= 0)
+
+
 def log_labels(batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
     """lists (B, G, L) positions -> (B, G, L) labels from the log: a shown candidate keeps its
     logged label, any other candidate is 0 (never a positive in this offline protocol)."""
-    shown = batch.shown[:, None, None, :]  # (B, 1, 1, L)
-    eq = (lists[..., None] == shown) & (shown >= 0) & (lists[..., None] >= 0)  # (B, G, L, L)
+    eq = shown_match(batch, lists)  # (B, G, L, L')
     return (eq.to(batch.labels.dtype) * batch.labels[:, None, None, :]).sum(-1)
 
 
@@ -95,8 +101,7 @@ def exposure_loss(prior: torch.Tensor, batch: RequestBatch, folds: torch.Tensor 
     b, n = batch.cand_mask.shape
     cand = torch.arange(n, device=prior.device).expand(b, n).masked_fill(~batch.cand_mask, -1)[:, None, :]  # (B, 1, N)
     if target == "shown":
-        shown = batch.shown[:, None, None, :]  # (B, 1, 1, L)
-        label = ((cand[..., None] == shown) & (shown >= 0) & (cand[..., None] >= 0)).any(-1)  # (B, 1, N)
+        label = shown_match(batch, cand).any(-1)  # (B, 1, N)
     else:
         label = log_labels(batch, cand) > 0  # (B, 1, N)
     return member_bce(prior[..., None, :], cand, label.to(prior.dtype), folds)

@@ -6,7 +6,6 @@ heuristic statistics as tensors.
 """
 from __future__ import annotations
 
-
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage

@@ -39,6 +39,7 @@ def test_an_index_beyond_the_embedding_table_reads_unk_everywhere():
     the generator/reward embedder and in the baselines alike, never as the last real item."""
     import torch
 
+    from goalrank_core.baselines import _Features
     from goalrank_core.batch import UNK
     from goalrank_core.layers import RequestEmbedder, in_table
     from gr_helpers import random_batch
@@ -50,5 +51,7 @@ def test_an_index_beyond_the_embedding_table_reads_unk_everywhere():
     b = random_batch(b=2, n=12, n_items=40, short_rows=0)
     beyond = type(b)(**{**b._asdict(), "candidates": b.candidates.clone().index_fill_(1, torch.tensor([0]), 77)})
     as_unk = type(b)(**{**b._asdict(), "candidates": b.candidates.clone().index_fill_(1, torch.tensor([0]), UNK)})
+    feats = _Features(10, 40, 4, 8).eval()
     with torch.no_grad():
         assert torch.allclose(emb(beyond)[1], emb(as_unk)[1])
+        assert torch.allclose(feats(beyond)[2], feats(as_unk)[2])  # the baselines' candidate embeddings

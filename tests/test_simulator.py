@@ -221,7 +221,7 @@ def test_true_reward_scores_lists_by_their_exact_value():
                                np.stack([w.expected_clicks(users, raw[:, g, :4]) for g in range(3)], 1), rtol=1e-5)
 
 
-def test_a_fit_with_the_true_reward_trains_no_reward_model_and_scores_groups_by_true_value():
+def test_a_fit_with_the_true_reward_trains_no_reward_model():
     from gr_helpers import tiny_config
 
     from goalrank_core.fit import fit_tables
