@@ -22,6 +22,7 @@ SECTIONS = {
     "simulator": "True list value on the list-wise simulator (known optimum)",
     "reward_ordering": "Does the reward model know what a list is worth? (simulator ablation)",
     "loop_ceiling": "Reward model or loop? GoalRank with the true list value as its reward",
+    "ope": "Off-policy estimates against the true value (simulator, Plackett-Luce logger)",
     "group_size": "Group size |B| (the paper's Table 2)",
     "scaling": "Scaling with generator size (the paper's Figure 3)",
     "latency": "Latency: GoalRank against Generator-Evaluator",

@@ -265,10 +265,12 @@ def make_world(effect: str = "saturation", seed: int = 0, n_users: int = 2000, n
 
 
 def simulate_logs(world: World, n_requests: int = 16000, n_candidates: int = 50, slate_len: int | None = None,
-                  history_len: int = 50, seed: int = 0) -> tuple[pa.Table, pa.Table]:
-    """Logged impressions from a context-unaware, noisy logging policy (synth.log_requests):
-    requests spread round-robin over the world's users (user-major rows, one a day), clicks
-    sampled from the world's click model. Returns (impressions: IMPRESSIONS, items: ITEMS)."""
+                  history_len: int = 50, seed: int = 0, logger: str = "noisy",
+                  temperature: float = 1.0) -> tuple[pa.Table, pa.Table]:
+    """Logged impressions from a context-unaware, noisy logging policy (synth.log_requests;
+    `logger` "plackett-luce" also logs its propensities): requests spread round-robin over the
+    world's users (user-major rows, one a day), clicks sampled from the world's click model.
+    Returns (impressions: IMPRESSIONS plus any propensity columns, items: ITEMS)."""
     L = world.slate_len if slate_len is None else slate_len
     if not 1 <= L <= min(n_candidates, world.slate_len) or n_candidates > world.n_items:
         raise GoalRankInputError(f"simulator: need 1 <= slate_len <= n_candidates <= n_items and slate_len <= "
@@ -280,7 +282,7 @@ def simulate_logs(world: World, n_requests: int = 16000, n_candidates: int = 50,
     _, start = np.unique(user, return_index=True)
     step = np.arange(n_requests) - np.repeat(start, np.diff(np.append(start, n_requests)))  # (R,) index within user
     ts = T0 + step * DAY + rng.integers(0, 3600, n_requests)
-    table = log_requests(world, user, step, ts, n_candidates, L, history_len, rng, "sim")
+    table = log_requests(world, user, step, ts, n_candidates, L, history_len, rng, "sim", logger, temperature)
     return table, world.items_table()
 
 

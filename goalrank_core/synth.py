@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from goalrank_core.errors import GoalRankInputError
-from goalrank_core.schemas import IMPRESSIONS, ITEMS
+from goalrank_core.schemas import ITEMS, impressions_schema
 
 ITEM_ID_OFFSET = 1000
 DAY = 86400
@@ -118,18 +118,70 @@ def _histories(user_step: np.ndarray, shown: np.ndarray, labels: np.ndarray, his
     return pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(clicked_items[h_idx], pa.int64()))
 
 
+LOGGERS = ("noisy", "plackett-luce")
+MAX_EXACT_ORDERINGS = 5000  # position propensities by enumeration up to this many ordered L-subsets of N
+
+
+def _n_orderings(n: int, k: int) -> int:
+    """Ordered k-subsets of n: n! / (n - k)!."""
+    return int(np.prod(np.arange(n - k + 1, n + 1, dtype=np.float64)))
+
+
+def plackett_luce_log_prob(score: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """score (B, N) Plackett-Luce logits, top (B, ..., L) drawn positions, in order -> (B, ...)
+    log P(top): sum_k score[top_k] - log sum of exp(score) over the candidates not drawn before k."""
+    s = score - score.max(1, keepdims=True)  # (B, N)
+    flat = top.reshape(len(top), -1)  # (B, M * L)
+    chosen = np.take_along_axis(s, flat, 1).reshape(top.shape)  # (B, ..., L)
+    e = np.exp(chosen)
+    total = np.exp(s).sum(1).reshape((-1,) + (1,) * (top.ndim - 1))  # (B, 1.., 1)
+    drawn_before = np.cumsum(e, -1) - e  # exclusive cumulative sum over positions
+    return (chosen - np.log(total - drawn_before)).sum(-1)
+
+
+def plackett_luce_position_probs(score: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """score (B, N), top (B, L) -> (B, L) P(the candidate top[:, j] is drawn at position j), by
+    enumerating every ordered L-subset of the N candidates (keep N!/(N-L)! small)."""
+    import itertools
+
+    n, k = score.shape[1], top.shape[1]
+    perms = np.array(list(itertools.permutations(range(n), k)), np.int64)  # (P, L)
+    out = np.empty(top.shape, np.float64)
+    for a in range(0, len(score), 256):  # bounds the (b, P, L) intermediates
+        b = min(a + 256, len(score))
+        prob = np.exp(plackett_luce_log_prob(score[a:b], np.broadcast_to(perms, (b - a, *perms.shape))))  # (b, P)
+        hit = perms[None, :, :] == top[a:b, None, :]  # (b, P, L): ordering p puts top[j] at j
+        out[a:b] = np.einsum("bp,bpj->bj", prob, hit)
+    return out
+
 def log_requests(world, user: np.ndarray, user_step: np.ndarray, ts: np.ndarray, n_candidates: int, slate_len: int,
-                 history_len: int, rng: np.random.Generator, prefix: str) -> pa.Table:
+                 history_len: int, rng: np.random.Generator, prefix: str, logger: str = "noisy",
+                 temperature: float = 1.0) -> pa.Table:
     """Logged impressions of a world (anything with `item_ids`, `affinity(users, items)` and
     `sample_clicks(rng, users, lists)`): candidates are N items drawn by affinity (Gumbel top-N
-    at temperature 2: relevant, not only the best); the logging policy shows the top L by a
-    noisy affinity, ignoring context; labels are the world's sampled clicks. Rows are
-    user-major in time order; `user_step` (R,) is a request's index within its user.
-    Request ids are f"{prefix}-{user}-{step}". Returns an IMPRESSIONS table."""
+    at temperature 2: relevant, not only the best); the logging policy ignores context and
+    shows, with `logger`:
+    - "noisy": the top L by affinity + N(0, 1) noise (no propensity: its list probability has
+      no closed form);
+    - "plackett-luce": L items drawn without replacement with P proportional to
+      exp(affinity / temperature) (Gumbel top-L, exactly Plackett-Luce), and the logged list's
+      `log_propensity`; with at most MAX_EXACT_ORDERINGS ordered L-subsets of N also the exact
+      `position_propensities` (enumerated), the inputs of the off-policy estimators.
+    Labels are the world's sampled clicks. Rows are user-major in time order; `user_step` (R,)
+    is a request's index within its user. Request ids are f"{prefix}-{user}-{step}". Returns an
+    IMPRESSIONS table (with the propensity columns of `impressions_schema`)."""
+    if logger not in LOGGERS:
+        raise GoalRankInputError(f"synth: logger must be one of {', '.join(LOGGERS)}, got {logger!r}")
+    if not temperature > 0:
+        raise GoalRankInputError(f"synth: temperature must be > 0, got {temperature}")
     R = len(user)
     cand = np.empty((R, n_candidates), np.int64)
     shown = np.empty((R, slate_len), np.int64)
     labels = np.empty((R, slate_len), np.float32)
+    pl = logger == "plackett-luce"
+    exact = pl and _n_orderings(n_candidates, slate_len) <= MAX_EXACT_ORDERINGS
+    log_prop = np.empty(R, np.float64)
+    pos_prop = np.empty((R, slate_len), np.float64)
     all_items = world.item_ids
     n_items = len(all_items)
     for a in range(0, R, 4096):
@@ -138,13 +190,27 @@ def log_requests(world, user: np.ndarray, user_step: np.ndarray, ts: np.ndarray,
         gumbel = -np.log(-np.log(rng.random(aff.shape)))
         c = np.argsort(-(aff / 2.0 + gumbel), axis=1)[:, :n_candidates]  # (B, N) item index
         cand[a:b] = all_items[c]
-        noisy = np.take_along_axis(aff, c, 1) + rng.normal(0.0, 1.0, c.shape)
-        top = np.argsort(-noisy, axis=1)[:, :slate_len]
+        score = np.take_along_axis(aff, c, 1)  # (B, N)
+        if pl:
+            score = score / temperature
+            noisy = score - np.log(-np.log(rng.random(c.shape)))  # Gumbel top-L = a Plackett-Luce draw
+        else:
+            noisy = score + rng.normal(0.0, 1.0, c.shape)
+        top = np.argsort(-noisy, axis=1)[:, :slate_len]  # (B, L) positions into the candidates
         shown[a:b] = np.take_along_axis(cand[a:b], top, 1)
         labels[a:b] = world.sample_clicks(rng, user[a:b], shown[a:b])
+        if pl:
+            log_prop[a:b] = plackett_luce_log_prob(score, top)
+        if exact:
+            pos_prop[a:b] = plackett_luce_position_probs(score, top)
     history = _histories(user_step, shown, labels, history_len)
     # Candidates in a seeded random order: the logging policy's choice must not show in it.
     cand = np.take_along_axis(cand, np.argsort(rng.random(cand.shape), axis=1), 1)
+    extra = {}
+    if pl:
+        extra["log_propensity"] = pa.array(log_prop)
+    if exact:
+        extra["position_propensities"] = _list_column(pos_prop, pa.float64())
     return pa.table(
         {
             "request_id": pa.array([f"{prefix}-{u}-{s}" for u, s in zip(user.tolist(), user_step.tolist())], pa.string()),
@@ -154,8 +220,9 @@ def log_requests(world, user: np.ndarray, user_step: np.ndarray, ts: np.ndarray,
             "candidates": _list_column(cand),
             "shown": _list_column(shown),
             "labels": _list_column(labels, pa.float32()),
+            **extra,
         }
-    ).cast(IMPRESSIONS)
+    ).cast(impressions_schema(list(extra)))
 
 
 def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user: int = 10, slate_len: int = 6,

@@ -96,3 +96,68 @@ def test_evaluate_ope_from_tables_and_cli(tmp_path, capsys):
     assert main(["evaluate", "--lists", str(tmp_path / "lists.parquet"), "--truth", str(tmp_path / "plain.parquet"),
                  "--ope"]) == 2
     assert "need a 'propensity' or 'log_propensity' column" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the simulator's Plackett-Luce logger
+
+
+def _brute_log_prob(score: np.ndarray, order) -> float:
+    left, total = list(range(len(score))), 0.0
+    for i in order:
+        total += score[i] - np.log(np.exp(score[left]).sum())
+        left.remove(i)
+    return total
+
+
+def test_plackett_luce_log_prob_and_position_probs_match_enumeration_by_hand():
+    import itertools
+
+    from goalrank_core.synth import plackett_luce_log_prob, plackett_luce_position_probs
+
+    score = np.array([[0.0, 1.0, -1.0, 0.5], [2.0, 0.0, 0.0, -2.0]])
+    top = np.array([[1, 3], [0, 2]])
+    np.testing.assert_allclose(plackett_luce_log_prob(score, top), [_brute_log_prob(s, t) for s, t in zip(score, top)])
+    orders = list(itertools.permutations(range(4), 2))
+    want = [[sum(np.exp(_brute_log_prob(s, o)) for o in orders if o[j] == t[j]) for j in range(2)]
+            for s, t in zip(score, top)]
+    np.testing.assert_allclose(plackett_luce_position_probs(score, top), want)
+    # Every ordering's probabilities sum to 1, and position 0's marginal is the softmax.
+    all_p = np.exp(plackett_luce_log_prob(score, np.broadcast_to(np.array(orders), (2, len(orders), 2))))
+    np.testing.assert_allclose(all_p.sum(1), 1.0)
+    soft = np.exp(score) / np.exp(score).sum(1, keepdims=True)
+    np.testing.assert_allclose(plackett_luce_position_probs(score, top)[:, 0], soft[[0, 1], top[:, 0]])
+
+
+def test_simulated_plackett_luce_logs_carry_propensities_that_match_the_draws():
+    from goalrank_core.simulator import make_world, simulate_logs
+
+    world = make_world("saturation", seed=0, n_users=1, n_items=4, n_categories=2, slate_len=2)
+    imp, _ = simulate_logs(world, n_requests=4000, n_candidates=3, seed=1, logger="plackett-luce", temperature=2.0)
+    assert {"log_propensity", "position_propensities"} <= set(imp.column_names)
+    # One user, but candidates differ per request: check against the empirical frequency of the
+    # logged list among requests with the same candidate set and the same propensity.
+    cand = [tuple(sorted(c)) for c in imp.column("candidates").to_pylist()]
+    shown = [tuple(s) for s in imp.column("shown").to_pylist()]
+    prop = np.exp(imp.column("log_propensity").to_numpy())
+    key = max(set(cand), key=cand.count)
+    rows = [i for i, c in enumerate(cand) if c == key]
+    assert len(rows) > 200
+    for s in set(shown[i] for i in rows):
+        hits = [i for i in rows if shown[i] == s]
+        freq = len(hits) / len(rows)
+        assert abs(freq - prop[hits[0]]) < 4 * np.sqrt(prop[hits[0]] * (1 - prop[hits[0]]) / len(rows)) + 1e-9
+    noisy, _ = simulate_logs(world, n_requests=10, n_candidates=3, seed=1)
+    assert "log_propensity" not in noisy.column_names
+
+
+def test_simulated_plackett_luce_logs_pass_validation(tmp_path):
+    from goalrank_core.simulator import make_world, simulate_logs
+    from goalrank_core.validate import read_impressions
+
+    world = make_world("cascade", seed=0, n_users=30, n_items=50, slate_len=3)
+    imp, _ = simulate_logs(world, n_requests=60, n_candidates=6, seed=0, logger="plackett-luce")
+    pq.write_table(imp, tmp_path / "imp.parquet")
+    back = read_impressions(tmp_path / "imp.parquet")
+    assert back.column("position_propensities").to_pylist() == imp.column("position_propensities").to_pylist()
+    with pytest.raises(Exception, match="logger"):
+        simulate_logs(world, n_requests=5, n_candidates=6, logger="greedy")
