@@ -408,6 +408,9 @@ def goalrank_daily(
         if cfg.group.search_lists:  # refused, not ignored: the stages build groups without it
             raise ConfigError("group.search_lists is supported by the in-process fit (goalrank fit) only, "
                               "not yet by the daily flow's stages")
+        if cfg.reward.feedback:  # the prepare stage re-writes impressions with the contract's columns only
+            raise ConfigError("reward.feedback (labels_<name> columns) is supported by the in-process fit "
+                              "(goalrank fit) only, not yet by the daily flow's stages")
         run_date = run_date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
         from goalrank_core.partitions import parse_date
 

@@ -224,7 +224,7 @@ def train_prm(train: EncodedRequests, valid: EncodedRequests | None, model: PRM,
 def _cache_key(model: nn.Module, batch: RequestBatch) -> tuple:
     # The batch's very tensors (not copies) and every version counter: an in-place edit of the
     # batch or an optimiser step on the model invalidates the entry.
-    return (tuple(batch), tuple(_version(t) for t in batch), tuple(_version(p) for p in model.parameters()))
+    return (tuple(batch), tuple(_version(t) for t in batch if t is not None), tuple(_version(p) for p in model.parameters()))
 
 
 def _version(t: torch.Tensor) -> int:

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from goalrank_core.errors import GoalRankInputError
+
 PAD = 0
 UNK = 1
 
@@ -54,12 +56,18 @@ class RequestBatch(NamedTuple):
     category: torch.Tensor  # (B, N) int64 category index of each candidate (0 = none)
     shown: torch.Tensor  # (B, L) int64 positions into candidates of the logged list (-1 if none)
     labels: torch.Tensor  # (B, L) float32 logged feedback per position (0 where none)
+    # (B, F, L) float32 the further feedback types reward.feedback names (labels_<name>), or None
+    feedback: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "RequestBatch":
-        return RequestBatch(*(t.to(device) for t in self))
+        return RequestBatch(*(None if t is None else t.to(device) for t in self))
 
     def __len__(self) -> int:
         return self.user.shape[0]
+
+    def take(self, rows: torch.Tensor | slice) -> "RequestBatch":
+        """The batch of the requests `rows` (every tensor indexed on its first dimension)."""
+        return RequestBatch(*(None if t is None else t[rows] for t in self))
 
 
 @dataclass
@@ -75,6 +83,7 @@ class EncodedRequests:
     shown: np.ndarray  # (R, L) int64 positions, -1 where unlabeled
     labels: np.ndarray  # (R, L) float32
     raw_candidates: np.ndarray  # (R, N) int64 raw item ids, -1 at padding
+    feedback: np.ndarray | None = None  # (R, F, L) float32 labels_<name> columns, in reward.feedback_names order
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -88,6 +97,7 @@ class EncodedRequests:
             category=torch.from_numpy(self.category[idx]),
             shown=torch.from_numpy(self.shown[idx]),
             labels=torch.from_numpy(self.labels[idx]),
+            feedback=None if self.feedback is None else torch.from_numpy(self.feedback[idx]),
         ).to(device)
 
     def positions_to_ids(self, idx: np.ndarray | slice, positions: np.ndarray) -> np.ndarray:
@@ -122,9 +132,12 @@ def encode_requests(
     n_candidates: int | None = None,
     slate_len: int | None = None,
     item_category: dict[int, int] | None = None,
+    feedback_names: tuple[str, ...] = (),
 ) -> EncodedRequests:
     """Encode a validated requests or impressions table. N defaults to the longest candidate
-    list and L to the longest shown list; shorter rows are padded and masked."""
+    list and L to the longest shown list; shorter rows are padded and masked. `feedback_names`:
+    labels_<name> columns read into `feedback` (a table without them, e.g. requests to rank,
+    gets zeros); their values must be in [0, 1]."""
     cols = table.column_names
     cand = table.column("candidates").to_pylist()
     hist = table.column("history").to_pylist()
@@ -155,6 +168,7 @@ def encode_requests(
             shown[i, :k] = [pos[x] for x in s[:k]]
             labels[i, :k] = lab[:k]
 
+    feedback = _feedback(table, feedback_names, shown_raw, slate_len) if feedback_names else None
     return EncodedRequests(
         request_id=np.asarray(table.column("request_id").to_pylist(), dtype=object),
         user=users.lookup(table.column("user_id").to_numpy()),
@@ -165,4 +179,25 @@ def encode_requests(
         shown=shown,
         labels=labels,
         raw_candidates=raw_cand,
+        feedback=feedback,
     )
+
+
+def _feedback(table: pa.Table, names: tuple[str, ...], shown_raw: list | None, slate_len: int) -> np.ndarray:
+    """(R, F, L) float32 of the labels_<name> columns (0 beyond each shown list and for a
+    table without the column: requests to rank carry no feedback)."""
+    out = np.zeros((table.num_rows, len(names), slate_len), np.float32)
+    if shown_raw is None:
+        return out
+    for f, name in enumerate(names):
+        if name not in table.column_names:
+            continue
+        for i, vals in enumerate(table.column(name).to_pylist()):
+            v = np.asarray(vals[:slate_len], np.float32)
+            if v.size and ((v < 0) | (v > 1)).any():
+                j = int(np.flatnonzero((v < 0) | (v > 1))[0])
+                raise GoalRankInputError(f"column {name!r}, row {i}: value {float(v[j])} at position {j} is outside "
+                                         f"[0, 1]; the reward model predicts each feedback as a probability "
+                                         f"(reward.feedback), so rescale it")
+            out[i, f, : len(v)] = v
+    return out

@@ -27,7 +27,7 @@ from torch import nn
 
 from goalrank_core.batch import EncodedRequests, Vocab, encode_requests
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.errors import GoalRankInputError
+from goalrank_core.errors import ConfigError, GoalRankInputError
 
 FORMAT_VERSION = 1
 
@@ -225,6 +225,11 @@ class ModelBundle:
 
 def build_bundle(train: pa.Table, config: GoalRankConfig, items: pa.Table | None = None) -> ModelBundle:
     """An empty bundle with the vocabularies and dimensions of a training impressions table."""
+    missing = [n for n in config.reward.feedback_names if n not in train.column_names]
+    if missing:
+        raise ConfigError(f"config 'reward.feedback' names {', '.join(missing)}, not a column of the training "
+                          f"impressions (its labels_<name> columns: "
+                          f"{', '.join(c for c in train.column_names if c.startswith('labels_')) or 'none'})")
     cand = train.column("candidates").combine_chunks().flatten().to_numpy()
     hist = train.column("history").combine_chunks().flatten().to_numpy()
     item_vocab = Vocab.build(cand, hist)
@@ -243,7 +248,8 @@ def encode(bundle: ModelBundle, table: pa.Table) -> EncodedRequests:
     """A table (impressions or requests) encoded with the bundle's vocabularies and shapes."""
     return encode_requests(table, bundle.item_vocab, bundle.user_vocab, bundle.config.protocol.history_len,
                            n_candidates=max(bundle.dims.n_candidates, _max_len(table, "candidates")),
-                           slate_len=bundle.dims.slate_len, item_category=bundle.item_category or None)
+                           slate_len=bundle.dims.slate_len, item_category=bundle.item_category or None,
+                           feedback_names=bundle.config.reward.feedback_names)
 
 
 def _max_len(table: pa.Table, col: str) -> int:

@@ -170,7 +170,19 @@ class RewardConfig:
         "`shown` (the logging policy showed it: where that policy knew something about the user, being "
         "chosen is itself evidence of relevance, with ten times the positives of clicks)", "click")
 
+    feedback: dict[str, float] = field(default_factory=dict, metadata={"help": (
+        "further feedback types the reward model predicts, each a `labels_<name>` impressions column "
+        "(values in [0, 1]) with its weight in the list reward: score = sum_k dcg_k (p_click,k + "
+        "sum_f w_f p_f,k), e.g. {labels_like: 0.5, labels_star: 0.2}; {} = `labels` alone")})
+
     def __post_init__(self) -> None:
+        _check(isinstance(self.feedback, dict), "reward.feedback",
+               f"must be a mapping of labels_<name> column to weight, got {self.feedback!r}")
+        for name, w in self.feedback.items():
+            _check(isinstance(name, str) and name.startswith("labels_") and len(name) > len("labels_"),
+                   "reward.feedback", f"keys must be labels_<name> columns, got {name!r}")
+            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w == w and 0 <= w < float("inf"),
+                   f"reward.feedback.{name}", f"must be a finite weight >= 0, got {w!r}")
         _check(isinstance(self.folds, int) and self.folds >= 1, "reward.folds", f"must be an integer >= 1, got {self.folds!r}")
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.exposure_target in ("click", "shown"), "reward.exposure_target",
@@ -181,6 +193,11 @@ class RewardConfig:
         _check(self.context_layers >= 0, "reward.context_layers", f"must be >= 0, got {self.context_layers}")
         _check(self.list_weight >= 0, "reward.list_weight", f"must be >= 0, got {self.list_weight}")
         _check_transformer(self, "reward")
+
+    @property
+    def feedback_names(self) -> tuple[str, ...]:
+        """The `labels_<name>` columns the reward model predicts, in a fixed (sorted) order."""
+        return tuple(sorted(self.feedback))
 
     @property
     def labelled_lists(self) -> tuple[int, int]:

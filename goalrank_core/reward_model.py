@@ -39,7 +39,11 @@ class RewardModel(nn.Module):
         self.context = (transformer(d, cfg.context_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
                         if cfg.context_layers > 0 else None)
         self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
-        self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+        # One output per feedback type: the click (`labels`) first, then reward.feedback_names.
+        self.n_feedback = len(cfg.feedback_names)
+        self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1 + self.n_feedback))
+        self.register_buffer("feedback_weight", torch.tensor([cfg.feedback[n] for n in cfg.feedback_names],
+                                                             dtype=torch.float32), persistent=False)
         # Pairwise context: what each earlier item of the list does to this one.
         self.pair = (nn.Sequential(nn.Linear(_PAIR_FEATURES, 16), nn.GELU(), nn.Linear(16, 1))
                      if cfg.pairwise else None)
@@ -53,9 +57,11 @@ class RewardModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def logits(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
+    def logits(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False, feedback: bool = False):
         """lists (B, G, L) positions (-1 = empty) -> (B, G, L) click logits; with `exposure`
-        (and `exposure_prior`) also the (B, N) prior logits of every candidate, for its loss."""
+        (and `exposure_prior`) also the (B, N) prior logits of every candidate, for its loss;
+        with `feedback` (and reward.feedback) last the (B, G, L, F) logits of the further
+        feedback types. More than one output comes back as a tuple in that order."""
         b, g, l = lists.shape
         if l > self.slate_len:
             raise ValueError(f"lists have length {l}, the reward model was built for {self.slate_len}")
@@ -76,14 +82,20 @@ class RewardModel(nn.Module):
         h = self.encoder(tok.reshape(b * g, l + 1, -1), mask=causal, src_key_padding_mask=pad.reshape(b * g, l + 1))
         h = h.reshape(b, g, l + 1, -1)[:, :, 1:]  # (B, G, L, d)
         # Skip connection from the item's own encoding keeps the point-wise signal direct.
-        logit = self.head(torch.cat([h, items], dim=-1)).squeeze(-1)  # (B, G, L)
+        out = self.head(torch.cat([h, items], dim=-1))  # (B, G, L, 1 + F)
+        logit, extra = out[..., 0], out[..., 1:]  # (B, G, L), (B, G, L, F)
         if self.pair is not None:
             logit = logit + self._pairwise(batch, lists, items)
+        outputs = []
         if prior is not None:  # detached: the click loss calibrates the prior, only its own loss trains it
             logit = logit + self.prior_scale * gather_positions(prior.detach()[..., None], lists)[..., 0]
             if exposure:
-                return logit, prior
-        return logit
+                outputs.append(prior)
+        if feedback and self.n_feedback:
+            outputs.append(extra)
+        if not outputs:
+            return logit
+        return (logit, *outputs)
 
     def _pairwise(self, batch: RequestBatch, lists: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, G, L) the summed effect of the earlier items j < p on item p, from features a
@@ -104,18 +116,24 @@ class RewardModel(nn.Module):
         earlier = earlier & (lists >= 0)[..., None, :]  # (B, G, L, L) real earlier items only
         return (self.pair(feats)[..., 0] * earlier).sum(-1)  # (B, G, L)
 
-    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
+    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False, feedback: bool = False):
         """= logits; training calls the module itself so DDP wrappers sync gradients."""
-        return self.logits(batch, lists, exposure)
+        return self.logits(batch, lists, exposure, feedback)
 
     def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
         """(B, G, L) -> (B, G, L) click probabilities, 0 at -1 entries."""
         return torch.sigmoid(self.logits(batch, lists)) * (lists >= 0).to(torch.float32)
 
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, G, L) -> (B, G) sum_k p_k / log2(k + 2). `folds` is accepted for the interface
-        of CrossFitReward and ignored: one model has no held-out member."""
-        p = self.click_probs(batch, lists)
+        """(B, G, L) -> (B, G) sum_k (p_k + sum_f w_f p_f,k) / log2(k + 2): the click and each
+        weighted further feedback type. `folds` is accepted for the interface of CrossFitReward
+        and ignored: one model has no held-out member."""
+        real = (lists >= 0).to(torch.float32)
+        if self.n_feedback:
+            logit, extra = self.logits(batch, lists, feedback=True)  # (B, G, L), (B, G, L, F)
+            p = (torch.sigmoid(logit) + (torch.sigmoid(extra) * self.feedback_weight).sum(-1)) * real
+        else:
+            p = torch.sigmoid(self.logits(batch, lists)) * real
         return (p * self.dcg[: lists.shape[-1]]).sum(-1)
 
     def bce_loss(self, batch: RequestBatch, lists: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,13 +163,14 @@ class CrossFitReward(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False):
+    def forward(self, batch: RequestBatch, lists: torch.Tensor, exposure: bool = False, feedback: bool = False):
         """lists (B, G, L) -> (K, B, G, L) each member's click logits (with `exposure`: and
-        (K, B, N) their prior logits)."""
-        if exposure and self.cfg.exposure_prior:
-            out = [m(batch, lists, True) for m in self.members]
-            return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-        return torch.stack([m(batch, lists) for m in self.members])
+        (K, B, N) their prior logits; with `feedback`: and (K, B, G, L, F) feedback logits),
+        the outputs of RewardModel.logits stacked over members."""
+        out = [m(batch, lists, exposure, feedback) for m in self.members]
+        if isinstance(out[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*out))
+        return torch.stack(out)
 
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, G, L) -> (B, G) list scores: with `folds` (B,) int64, row b scored by member

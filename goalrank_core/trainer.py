@@ -155,14 +155,20 @@ def reward_loss(model: nn.Module, batch: RequestBatch, augment: int = 0, gen: to
     if extra_lists is not None and extra_lists.shape[1] > 0:
         lists = torch.cat([lists, extra_lists], dim=1)
         labels = torch.cat([labels, log_labels(batch, extra_lists)], dim=1)
-    prior = None
-    if getattr(model, "module", model).cfg.exposure_prior:  # (a DDP wrapper holds the model in .module)
-        logits, prior = model(batch, lists, exposure=True)  # + (B, N) or (K, B, N) prior logits
-    else:
-        logits = model(batch, lists)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
+    cfg = getattr(model, "module", model).cfg  # (a DDP wrapper holds the model in .module)
+    with_fb = bool(cfg.feedback) and batch.feedback is not None
+    # One forward call whatever the heads, so a DDP wrapper syncs every gradient.
+    out = model(batch, lists, exposure=cfg.exposure_prior, feedback=with_fb)
+    parts = list(out) if isinstance(out, tuple) else [out]
+    logits = parts.pop(0)  # (B, G, L), or (K, B, G, L) for a CrossFitReward
+    prior = parts.pop(0) if cfg.exposure_prior else None  # (B, N) or (K, B, N)
     loss = member_bce(logits, lists, labels, folds)
     if prior is not None:
-        loss = loss + exposure_loss(prior, batch, folds, getattr(model, "module", model).cfg.exposure_target)
+        loss = loss + exposure_loss(prior, batch, folds, cfg.exposure_target)
+    if with_fb:  # each further feedback type, on the logged list (lists[:, 0]) where it was observed
+        fb = parts.pop(0)[..., 0, :, :].transpose(-1, -2)  # (B, F, L) or (K, B, F, L)
+        shown = batch.shown[:, None, :].expand_as(batch.feedback)  # (B, F, L)
+        loss = loss + member_bce(fb, shown, batch.feedback, folds)
     if list_weight > 0:
         member_logits = logits if logits.dim() > lists.dim() else logits[None]
         loss = loss + list_weight * torch.stack([list_rank_loss(m, lists, labels) for m in member_logits]).mean()

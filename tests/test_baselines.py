@@ -102,7 +102,7 @@ def test_prm_learns_a_context_effect_the_pointwise_model_cannot():
 
 def test_prm_score_of_an_item_changes_with_the_other_candidates():
     data = synth(2, False, 0)
-    fresh = lambda: RequestBatch(*(t.clone() for t in data.batch(slice(None))))  # noqa: E731 (batches share numpy memory)
+    fresh = lambda: RequestBatch(*(t if t is None else t.clone() for t in data.batch(slice(None))))  # noqa: E731 (batches share numpy memory)
     a, b = fresh(), fresh()
     b.candidates[:, 1:] = torch.flip(b.candidates[:, 1:], [1]) % N_ITEMS + 3  # same item 0, others changed
     b.category[:, 1:] = (b.candidates[:, 1:] % 3) + 1
