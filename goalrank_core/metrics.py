@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from goalrank_core.errors import DataValidationError
 from goalrank_core.ope import Estimate, bootstrap_interval, estimate_all
-from goalrank_core.schemas import METRICS, RANKED, conform
+from goalrank_core.schemas import METRICS, OPE, RANKED, conform
 
 METRIC_NAMES = ("hr", "ndcg", "map")
 
@@ -177,3 +177,18 @@ def evaluate_ope(ranked: pa.Table, truth: pa.Table, n_boot: int = 1000, seed: in
         pos = _padded(truth.column("position_propensities"), fill=1.0, dtype=np.float64)  # (R, L)
     return estimate_all(lists, _padded(truth.column("shown")), _padded(truth.column("labels"), fill=0.0, dtype=np.float64),
                         log_p, pos, n_boot=n_boot, seed=seed)
+
+
+def has_propensities(truth: pa.Table) -> bool:
+    """Whether `truth` carries the logging propensities evaluate_ope needs."""
+    return "propensity" in truth.column_names or "log_propensity" in truth.column_names
+
+
+def ope_rows(split: str, policy: str, estimates: dict[str, Estimate]) -> list[dict]:
+    """Rows for schemas.OPE, one per estimator."""
+    return [{"split": split, "policy": policy, "estimator": name, "value": e.value, "ci_low": e.ci_low,
+             "ci_high": e.ci_high, "ess": e.ess, "n_requests": e.n} for name, e in estimates.items()]
+
+
+def ope_table(rows: list[dict]) -> pa.Table:
+    return conform(pa.Table.from_pylist(rows, schema=OPE), OPE, "off-policy estimates")

@@ -52,6 +52,19 @@ def impressions_schema(names: list[str]) -> pa.Schema:
     return pa.schema(list(IMPRESSIONS) + extra)
 
 
+# The logging policy's propensities: the prepare stage carries these (only these optional
+# columns) into the prepared valid and test splits, where the evaluate stage's off-policy
+# estimates read them; the train split is IMPRESSIONS exactly.
+PROPENSITY_COLUMNS = tuple(IMPRESSIONS_OPTIONAL.names)
+
+
+def prepared_schema(names: list[str]) -> pa.Schema:
+    """The schema of a prepared valid/test split holding `names`: IMPRESSIONS plus the
+    propensity columns among `names` (in PROPENSITY_COLUMNS order). Writers and readers of
+    the prepared splits conform to it; any other extra column is an error there."""
+    return pa.schema(list(IMPRESSIONS) + [IMPRESSIONS_OPTIONAL.field(n) for n in PROPENSITY_COLUMNS if n in names])
+
+
 def unknown_impression_columns(names: list[str]) -> list[str]:
     """Columns of `names` that are neither in IMPRESSIONS nor optional: read and ignored."""
     known = set(impressions_schema(names).names)
@@ -104,6 +117,22 @@ METRICS = pa.schema(
         pa.field("value", pa.float64(), nullable=False),  # mean over requests
         pa.field("ci_low", pa.float64(), nullable=False),  # bootstrap 95% interval
         pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("n_requests", pa.int64(), nullable=False),
+    ]
+)
+
+
+# evaluate: off-policy estimates (goalrank_core.ope) of each policy's lists, one row per
+# (split, policy, estimator), written only when the split carries the logging propensities.
+OPE = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("estimator", pa.string(), nullable=False),  # "ips", "snips", "pi", "snpi"
+        pa.field("value", pa.float64(), nullable=False),  # estimated expected slate reward (sum of labels)
+        pa.field("ci_low", pa.float64(), nullable=False),  # bootstrap 95% interval
+        pa.field("ci_high", pa.float64(), nullable=False),
+        pa.field("ess", pa.float64(), nullable=False),  # Kish's effective sample size of the weights
         pa.field("n_requests", pa.int64(), nullable=False),
     ]
 )

@@ -227,13 +227,16 @@ def log_requests(world, user: np.ndarray, user_step: np.ndarray, ts: np.ndarray,
 
 def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user: int = 10, slate_len: int = 6,
                       n_candidates: int = 50, n_categories: int = 8, history_len: int = 50, gamma: float = 1.5,
-                      days: int = 1, seed: int = 0, world_seed: int | None = None) -> tuple[pa.Table, pa.Table, SynthWorld]:
+                      days: int = 1, seed: int = 0, world_seed: int | None = None, logger: str = "noisy",
+                      temperature: float = 1.0) -> tuple[pa.Table, pa.Table, SynthWorld]:
     """Logged impressions from the world: candidates are N items drawn by affinity (Gumbel
     top-N at temperature 2: relevant, not only the best); the logging policy shows the top L by
     a noisy affinity, ignoring context; labels are Bernoulli clicks. History = the user's
     earlier clicks. Requests are spread evenly over `days` days from T0, in per-user order.
     `world_seed` (default `seed`) fixes the world alone, so logs of several days can share one
-    world while their draws differ. Returns (impressions: IMPRESSIONS, items: ITEMS, world)."""
+    world while their draws differ. `logger`, `temperature`: the logging policy (log_requests;
+    "plackett-luce" logs its propensities). Returns (impressions: IMPRESSIONS, with the
+    propensity columns of a Plackett-Luce logger, items: ITEMS, world)."""
     if n_candidates > n_items or slate_len > n_candidates:
         raise GoalRankInputError(f"synth: need slate_len <= n_candidates <= n_items, got {slate_len}, {n_candidates}, {n_items}")
     if requests_per_user < 1 or days < 1:
@@ -245,6 +248,6 @@ def synth_impressions(n_users: int = 200, n_items: int = 500, requests_per_user:
     user = np.repeat(np.arange(n_users, dtype=np.int64), requests_per_user)  # (R,) user-major, time order within
     step = np.arange(R) % requests_per_user
     ts = T0 + (step * days * DAY) // requests_per_user + rng.integers(0, 3600, R) // requests_per_user
-    table = log_requests(world, user, step, ts, n_candidates, slate_len, history_len, rng, "synth")
+    table = log_requests(world, user, step, ts, n_candidates, slate_len, history_len, rng, "synth", logger, temperature)
     items = pa.table({"item_id": pa.array(world.item_ids), "category": pa.array(world.category)}, schema=ITEMS)
     return table, items, world

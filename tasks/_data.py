@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from goalrank_core.schemas import conform
+from goalrank_core.schemas import IMPRESSIONS, conform, prepared_schema
 from tasks import storage
 
 
@@ -21,6 +21,14 @@ def read_dataset(uri: str, what: str) -> Any:
     storage.require_complete(uri, what)
     fs, path = storage.filesystem(uri)
     return ray.data.read_parquet(path, filesystem=fs, partitioning=None)
+
+
+def read_split(prepared: str, split: str, what: str, propensities: bool = False) -> pa.Table:
+    """A prepared split, checked against its contract (schemas.prepared_schema): the IMPRESSIONS
+    columns, and with `propensities` also the logging propensity columns it carries."""
+    table = storage.read_table(storage.join(prepared, split), None, what)
+    table = conform(table, prepared_schema(table.column_names), what)
+    return table if propensities else table.select(IMPRESSIONS.names)
 
 
 def _conform_batch(batch: pa.Table, schema: pa.Schema, what: str) -> pa.Table:

@@ -2,7 +2,10 @@
 each actor ranks its batch with GoalRank and every baseline (goalrank_core.ranking's
 policies: supervised, G-E, heuristics, DNN, PRM...). Output per split (valid, test):
 `{out}/ranked/{split}/{policy}/` (schemas.RANKED), and `{out}/metrics/` (schemas.METRICS:
-HR/NDCG/MAP@L with bootstrap intervals, goalrank_core.metrics).
+HR/NDCG/MAP@L with bootstrap intervals, goalrank_core.metrics). When the prepared splits carry
+the logging propensities (schemas.prepared_schema), also `{out}/ope/` (schemas.OPE): every
+policy's off-policy estimates (slate IPS/SNIPS; PI/SNPI with position propensities) with
+their bootstrap intervals and effective sample sizes, the input of promotion by `ope:<estimator>`.
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import pyarrow.compute as pc
 import torch
 
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.schemas import IMPRESSIONS, METRICS, RANKED
+from goalrank_core.schemas import METRICS, OPE, RANKED
 from tasks import storage
-from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset
+from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset, read_split
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 
@@ -76,15 +79,16 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
     """Stage 7: see the module docstring."""
     import ray
 
-    from goalrank_core.metrics import evaluate_lists, metrics_rows, metrics_table
+    from goalrank_core.metrics import (evaluate_lists, evaluate_ope, has_propensities, metrics_rows, metrics_table,
+                                       ope_rows, ope_table)
 
     ensure_ray()
     inputs = {"prepared": prepared, "reward_model": reward_model, "policies": policies, "generator": generator}
 
     def body(out: str) -> dict:
-        tables, rows = {}, []
+        tables, rows, ope = {}, [], []
         args = tuple(storage.normalize(u) for u in (reward_model, policies, generator)) + (config.to_dict(),)
-        truth = {s: storage.read_table(storage.join(prepared, s), IMPRESSIONS, f"evaluate: {s} split") for s in EVAL_SPLITS}
+        truth = {s: read_split(prepared, s, f"evaluate: {s} split", propensities=True) for s in EVAL_SPLITS}
         # Both splits through one actor pool (each actor loads every model once).
         parts = [read_dataset(storage.join(prepared, s), f"evaluate: {s} split")
                  .add_column("split", _const(s), batch_format="pyarrow") for s in EVAL_SPLITS if truth[s].num_rows]
@@ -102,10 +106,18 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
                                                                               f"ranked {split} {name}"))
                 results = evaluate_lists(part, truth[split], ks=(config.protocol.slate_len,), seed=config.train.seed)
                 rows += metrics_rows(split, name, results)
+                if has_propensities(truth[split]):
+                    ope += ope_rows(split, name, evaluate_ope(part, truth[split], seed=config.train.seed))
         metrics = metrics_table(rows)
         tables["metrics"] = storage.table_entry(METRICS, storage.write_table(metrics, storage.join(out, "metrics"),
                                                                              METRICS, "metrics"))
-        return {"tables": tables, "metrics": _summary(metrics)}
+        extra = {}
+        if ope:
+            estimates = ope_table(ope)
+            tables["ope"] = storage.table_entry(OPE, storage.write_table(estimates, storage.join(out, "ope"), OPE,
+                                                                         "off-policy estimates"))
+            extra["ope"] = {r["split"] + "." + r["policy"] + "." + r["estimator"]: r["value"] for r in ope}
+        return {"tables": tables, "metrics": _summary(metrics), **extra}
 
     return run_stage(out, "evaluate", config, inputs, body)
 

@@ -14,7 +14,7 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
-from tasks._data import load_bundle
+from tasks._data import load_bundle, read_split
 from tasks._groups import RequestIndex, groups_to_positions, padded_values
 from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray
@@ -44,7 +44,7 @@ class GeneratorSpec(TrainSpec):
                                                         "generator: train split"), "generator")
         self.valid = None
         if rank == 0:
-            table = storage.read_table(storage.join(self.prepared, "valid"), IMPRESSIONS, "generator: valid split")
+            table = read_split(self.prepared, "valid", "generator: valid split")
             self.valid = encode(self.bundle, table) if table.num_rows else None
         model = self.bundle.build("generator")
         if self.init is not None:

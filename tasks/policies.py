@@ -9,7 +9,7 @@ from __future__ import annotations
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
-from tasks._data import load_bundle, save_bundle
+from tasks._data import load_bundle, read_split, save_bundle
 from tasks._memory import self_peak_mb
 from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage
@@ -27,7 +27,7 @@ def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> d
     bundle = load_bundle(storage.join(prepared, "vocab"), "policies: vocabulary")
     bundle.config = config
     train = encode(bundle, storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "policies: train split"))
-    valid_t = storage.read_table(storage.join(prepared, "valid"), IMPRESSIONS, "policies: valid split")
+    valid_t = read_split(prepared, "valid", "policies: valid split")
     valid = encode(bundle, valid_t) if valid_t.num_rows else None
     lines: list[str] = []
 

@@ -1,7 +1,9 @@
 """Stage `prepare`: a data source -> validated train/valid/test impressions, the item side
 table and the vocabulary every later stage encodes with.
 
-Output (`{out}/`): `train/`, `valid/`, `test/` (schemas.IMPRESSIONS), `items/`
+Output (`{out}/`): `train/` (schemas.IMPRESSIONS), `valid/`, `test/` (schemas.prepared_schema:
+IMPRESSIONS plus the logging propensity columns when the input has them, for the evaluate
+stage's off-policy estimates), `items/`
 (schemas.ITEMS, possibly empty) and `vocab/` (a model bundle with no models: item and user
 vocabularies, categories, dimensions; goalrank_core.bundle).
 
@@ -19,7 +21,7 @@ import pyarrow as pa
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import DataValidationError, GoalRankInputError
-from goalrank_core.schemas import IMPRESSIONS, ITEMS, conform
+from goalrank_core.schemas import IMPRESSIONS, ITEMS, PROPENSITY_COLUMNS, conform, prepared_schema
 from tasks import storage
 from tasks._data import save_bundle, write_dataset
 from tasks.ray_runtime import ensure_ray
@@ -69,17 +71,31 @@ def _validate_impressions(batch: pa.Table, what: str) -> pa.Table:
         if exc.name != "goalrank_core.validate":
             raise
         return conform(batch, IMPRESSIONS, what)
-    out = validate_impressions(batch, what)  # optional columns are checked, then left out (_note_dropped)
-    return conform(out.select(IMPRESSIONS.names), IMPRESSIONS, what)
+    out = validate_impressions(batch, what)  # optional columns are checked; all but propensities left out
+    schema = prepared_schema(out.column_names)
+    return conform(out.select(schema.names), schema, what)
 
 
 def _note_dropped(what: str, names: list[str]) -> None:
-    """The stage re-writes impressions with the contract's columns only: one line names the
-    input columns that its splits will not hold (optional ones are still validated)."""
-    dropped = [n for n in names if n not in IMPRESSIONS.names]
+    """The stage re-writes impressions with the contract's columns and the propensity columns
+    only: one line names the input columns that its splits will not hold (optional ones are
+    still validated)."""
+    dropped = [n for n in names if n not in prepared_schema(names).names]
     if dropped:
         print(f"[prepare] {what}: column(s) {dropped} are validated where known but not carried into the prepare "
-              f"stage's splits (the pipeline re-writes impressions with the contract's columns only)", flush=True)
+              f"stage's splits (the pipeline re-writes impressions with the contract's columns and the logging "
+              f"propensities only)", flush=True)
+
+
+def _common_columns(tables: list[pa.Table], what: str) -> pa.Schema:
+    """The prepared schema every part shares: a propensity column that some parts lack is
+    dropped (with a notice), as the splits cannot hold it for only some rows."""
+    names = [set(t.column_names) for t in tables]
+    keep = [n for n in PROPENSITY_COLUMNS if all(n in s for s in names)]
+    partial = [n for n in PROPENSITY_COLUMNS if n not in keep and any(n in s for s in names)]
+    if partial:
+        print(f"[prepare] {what}: column(s) {partial} are in some parts only: not carried into the splits", flush=True)
+    return prepared_schema(keep)
 
 
 def _read_impressions(source: DataSource, note: bool = True) -> pa.Table:
@@ -106,7 +122,8 @@ def _read_impressions(source: DataSource, note: bool = True) -> pa.Table:
         raise bad from None
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise GoalRankInputError(f"{source.impressions}: no impressions to read")
-    return pa.concat_tables([conform(t, IMPRESSIONS, source.impressions) for t in tables])
+    schema = _common_columns(tables, source.impressions)
+    return pa.concat_tables([conform(t.select(schema.names), schema, source.impressions) for t in tables])
 
 
 def _input_error(exc: BaseException, what: str) -> GoalRankInputError | None:
@@ -173,9 +190,12 @@ def prepare(source: DataSource, out: str, config: GoalRankConfig) -> StageResult
             raise GoalRankInputError("prepare: the training split is empty")
         tables = {}
         for name in SPLITS:
-            ds = ray.data.from_arrow(splits.split(name))
-            rows = write_dataset(ds, storage.join(out, name), IMPRESSIONS, f"prepare {name}")
-            tables[name] = storage.table_entry(IMPRESSIONS, rows)
+            table = splits.split(name)
+            # The propensities reach valid and test (off-policy estimates); train is the contract.
+            schema = IMPRESSIONS if name == "train" else prepared_schema(table.column_names)
+            ds = ray.data.from_arrow(table.select(schema.names))
+            rows = write_dataset(ds, storage.join(out, name), schema, f"prepare {name}")
+            tables[name] = storage.table_entry(schema, rows)
         items = splits.items if splits.items is not None else ITEMS.empty_table()
         tables["items"] = storage.table_entry(ITEMS, storage.write_table(items, storage.join(out, "items"), ITEMS, "prepare items"))
         bundle = build_bundle(splits.train, config, splits.items)

@@ -31,7 +31,7 @@ from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import storage
-from tasks._data import load_bundle
+from tasks._data import load_bundle, read_split
 from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage, stage_fingerprint
@@ -77,7 +77,7 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     per_req = float((props.lists >= 0).all(-1).sum(1).mean()) if len(props.lists) else 0.0
     out = {"train": train.append_column(PROPOSALS, proposals_column(props.lists)), "valid": None, "valid_ids": [],
            "names": props.names, "lists_per_request": per_req}
-    valid = storage.read_table(storage.join(prepared, "valid"), IMPRESSIONS, "reward: valid split")
+    valid = read_split(prepared, "valid", "reward: valid split")
     if valid.num_rows:
         enc = encode(bundle, valid)
         out["valid"] = proposer_lists(enc, aux, sup, cfg, seed=cfg.train.seed + 102).lists.astype(np.int32)
@@ -109,7 +109,7 @@ class RewardSpec(TrainSpec):
         self.bundle.config = self.config  # build what train_and_save will load the weights into
         self.valid, self.valid_props = None, None
         if rank == 0:
-            table = storage.read_table(storage.join(self.prepared, "valid"), IMPRESSIONS, "reward: valid split")
+            table = read_split(self.prepared, "valid", "reward: valid split")
             self.valid = encode(self.bundle, table) if table.num_rows else None
             if self.valid is not None and self.valid_proposals is not None:
                 row = {rid: i for i, rid in enumerate(self.valid_ids)}

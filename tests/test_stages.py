@@ -158,7 +158,15 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path, caps
     res = prepare(DataSource(impressions=str(tmp_path / "logs")), str(tmp_path / "out"), cfg)
     t = res.manifest["tables"]
     assert (t["train"]["rows"], t["valid"]["rows"], t["test"]["rows"]) == (6, 3, 3)  # time split; ties move cuts
-    assert "['propensity', 'clicks'] are validated where known but not carried" in capsys.readouterr().out
+    assert "['clicks'] are validated where known but not carried" in capsys.readouterr().out
+    # The logging propensities reach valid and test (off-policy estimates), conformed on read; train is the contract.
+    from tasks._data import read_split
+
+    out = str(tmp_path / "out")
+    assert t["train"]["schema"] == {f.name: str(f.type) for f in IMPRESSIONS} and "propensity" in t["valid"]["schema"]
+    valid = read_split(out, "valid", "valid", propensities=True)
+    assert valid.column_names == IMPRESSIONS.names + ["propensity"] and valid.column("propensity").to_pylist() == [0.5] * 3
+    assert read_split(out, "test", "test").column_names == IMPRESSIONS.names
     # A daily window: exactly the named partitions, the newest held out for valid/test.
     days = ("date=2024-01-01", "date=2024-01-02")
     window = prepare(DataSource(impressions=str(tmp_path / "logs"), partitions=days), str(tmp_path / "out1"), cfg)
