@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from goalrank_core.schemas import IMPRESSIONS, METRICS
-from flows import console, daily_ops
+from flows import console, daily_ops, promotion
 from flows.settings import resolve_settings
 from tasks import stages
 from tasks.partitions import is_partitioned
@@ -277,6 +277,8 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
     values = metric_values(metrics)
     if not values:
         raise ValueError(f"evaluate wrote no rows for policy '{GOALRANK_POLICY}'; nothing to register")
+    ope = promotion.read_ope(ev["uri"], ev["manifest"])  # None unless the logs carry propensities
+    values.update(promotion.ope_values(ope, GOALRANK_POLICY))
     with tracking.pipeline_run(tracking_uri, experiment, run_id, cfg.hash(),
                                tags={registry.TAG_DATASET: dataset, registry.TAG_DATA_VERSION: dv,
                                      **(extra_tags or {})}) as run:
@@ -286,6 +288,8 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
             tracking.log_stage(s["stage"].replace(" ", "_"), s)
             histories[s["stage"]] = tracking.epoch_history(s["manifest"])
         tracking.log_evaluation(metrics)
+        if ope is not None:
+            tracking.log_ope(ope)
         tracking.log_plots(histories, metrics, metric=f"ndcg@{cfg.protocol.slate_len}")
         client = MlflowClient(tracking_uri)
         existing = registry.find_version(client, model_name, run_id, cfg.hash())
@@ -306,7 +310,8 @@ def track_and_register_task(run_id: str, dataset: str, summaries: list[dict], co
 def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracking_uri: str, experiment: str,
                  model_name: str, metric: str, margin: float) -> dict:
     """Champion moves to the new version only if it is no worse (registry.decide); the
-    decision and both numbers are logged on the run."""
+    decision and both numbers (for an ope metric with their intervals and ESS) are logged on
+    the run."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -314,21 +319,9 @@ def promote_task(run_id: str, registered: dict, uris: dict, config: dict, tracki
 
     client = MlflowClient(tracking_uri)
     cfg = GoalRankConfig.from_dict(config)
-
-    def reevaluate(champ) -> float:
-        # The champion was evaluated on other validation data: rank the current validation
-        # split with its generator, in process, exactly as the evaluate stage scores GoalRank.
-        from goalrank_core.metrics import evaluate_lists
-        from goalrank_core.ranking import rank
-
-        bundle = tracking.load_bundle_from(f"models:/{model_name}/{champ.version}", tracking_uri)
-        truth = read_table(join(uris["prepared"], "valid"), IMPRESSIONS, "validation split")
-        ranked = rank(bundle, truth.drop_columns(["shown", "labels"]), GOALRANK_POLICY, seed=cfg.train.seed)
-        k = int(metric.rsplit("@", 1)[1])
-        value = evaluate_lists(ranked, truth, ks=(k,), seed=cfg.train.seed)[metric].value
-        print(f"[promote] champion v{champ.version} re-evaluated on this run's validation data: {metric} {value:.4f}")
-        return value
-
+    # Used only when the champion was evaluated on other validation data (flows/promotion.py).
+    reevaluate = promotion.reevaluator(metric, model_name, tracking_uri, uris["prepared"], cfg.train.seed,
+                                       GOALRANK_POLICY)
     decision = registry.promote(client, model_name, registered["version"], metric=metric, margin=margin,
                                 reevaluate=reevaluate)
     mlflow.set_tracking_uri(tracking_uri)
@@ -388,8 +381,9 @@ def goalrank_daily(
     storage: local folder or s3://bucket/prefix; run_id: the storage run folder (default the
     run date, YYYY-MM-DD UTC, so a second run on the same day resumes/skips); config: a full
     config mapping; overrides: dotted keys such as {"group.size": 10, "train.epochs": 2};
-    promotion_metric: validation metric (default ndcg@L); promotion_margin: the new model must
-    reach champion + margin.
+    promotion_metric: validation metric (default ndcg@L), or "ope:<estimator>" (ips, snips, pi,
+    snpi) for an off-policy estimate on logs with propensities (flows/promotion.py);
+    promotion_margin: the new model must reach champion + margin.
 
     Daily operations (flows/daily_ops.py): when `impressions` is a folder of `date=YYYY-MM-DD`
     partitions, the run for `run_date` D reads the window [D - W, D - 1] after the data gates
@@ -417,6 +411,8 @@ def goalrank_daily(
         run_date = parse_date(run_date, "run_date").isoformat()
         run_id = check_run_id(run_id or run_date)
         name = dataset_name(dataset, impressions)
+        metric = promotion.check_metric(promotion_metric or f"ndcg@{cfg.protocol.slate_len}", dataset, impressions,
+                                        run_date, cfg.window.days)
     except GoalRankInputError as exc:
         # One line an operator reads in the run's logs (a run started from the UI with a bad
         # override); the exception, and its traceback, follow from Prefect.
@@ -424,7 +420,6 @@ def goalrank_daily(
 
         get_run_logger().error(f"bad parameters, nothing run or written: {exc}")
         raise
-    metric = promotion_metric or f"ndcg@{cfg.protocol.slate_len}"
     c = cfg.to_dict()
     uri = lambda stage: stage_uri(s["storage"], name, run_id, stage)  # noqa: E731
 

@@ -18,6 +18,12 @@ re-evaluator it refuses to compare and keeps the champion.
 
 Rule: promote when `challenger >= champion + margin` (margin 0: "no worse"; a positive margin
 asks for an improvement, a negative one tolerates a small loss).
+
+Promotion by estimated value (`ope:<estimator>`, flows/promotion.py): the metric is an
+off-policy estimate of the expected slate reward on the logged validation split, tagged like
+the other metrics (`goalrank.metric.valid.ope:snips`) with its bootstrap 95% interval and
+effective sample size beside it (`....ci_low`, `....ci_high`, `....ess`). The rule compares the
+point estimates, as for NDCG; the intervals and ESS are recorded in the Decision, not used.
 """
 from __future__ import annotations
 
@@ -40,6 +46,19 @@ TAG_DATASET = "goalrank.dataset"
 TAG_DATA_VERSION = "goalrank.data_version"  # hash of the prepared data (validation split included)
 TAG_METRIC_PREFIX = "goalrank.metric."  # + "valid.ndcg@6" etc.
 TAG_EVALUATED = "goalrank.evaluated"
+OPE_PREFIX = "ope:"  # promotion metric "ope:snips": an off-policy estimate (flows/promotion.py)
+MEASURE_PARTS = ("ci_low", "ci_high", "ess")  # tagged beside an ope metric: "{metric}.ci_low", ...
+
+
+@dataclass
+class Measured:
+    """A metric value with, for an off-policy estimate, its 95% interval and effective sample
+    size (None where not known, as for NDCG)."""
+
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    ess: float | None = None
 
 
 @dataclass
@@ -54,9 +73,24 @@ class Decision:
     champion_version: str | None  # the champion before this decision
     champion_value: float | None  # on the challenger's validation data
     margin: float
+    # Off-policy metrics (`ope:<estimator>`) only, else None: each side's 95% interval and
+    # effective sample size. The decision compares the point estimates above.
+    challenger_ci_low: float | None = None
+    challenger_ci_high: float | None = None
+    challenger_ess: float | None = None
+    champion_ci_low: float | None = None
+    champion_ci_high: float | None = None
+    champion_ess: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_measures(self, challenger: Measured | None, champion: Measured | None) -> "Decision":
+        for side, m in (("challenger", challenger), ("champion", champion)):
+            if m is not None:
+                for part in MEASURE_PARTS:
+                    setattr(self, f"{side}_{part}", getattr(m, part))
+        return self
 
 
 def mlflow_key(name: str) -> str:
@@ -132,6 +166,10 @@ def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | Non
         return None
 
 
+def is_ope(metric: str) -> bool:
+    return metric.startswith(OPE_PREFIX)
+
+
 def version_metric(mv: ModelVersion, metric: str, split: str = "valid") -> float | None:
     value = (mv.tags or {}).get(metric_tag(metric, split))
     if value is None:
@@ -140,43 +178,70 @@ def version_metric(mv: ModelVersion, metric: str, split: str = "valid") -> float
     return None if math.isnan(value) else value
 
 
+def version_measure(mv: ModelVersion | None, metric: str, split: str = "valid") -> Measured | None:
+    """The metric of a version with, for an ope metric, its interval and ESS tags."""
+    value = None if mv is None else version_metric(mv, metric, split)
+    if value is None:
+        return None
+    if not is_ope(metric):
+        return Measured(value)
+    return Measured(value, *(version_metric(mv, f"{metric}.{part}", split) for part in MEASURE_PARTS))
+
+
+def _describe(m: Measured) -> str:
+    if m.ci_low is None and m.ess is None:
+        return f"{m.value:.6f}"
+    num = lambda x: "nan" if x is None else f"{x:.4f}"  # noqa: E731
+    return f"{m.value:.6f} [{num(m.ci_low)}, {num(m.ci_high)}] ESS {num(m.ess)}"
+
+
 def decide(
     client: MlflowClient,
     name: str,
     version: str,
     metric: str,
     margin: float = 0.0,
-    reevaluate: Callable[[ModelVersion], float] | None = None,
+    reevaluate: Callable[[ModelVersion], float | Measured] | None = None,
 ) -> Decision:
-    """Whether `version` should become champion (does not move any alias)."""
+    """Whether `version` should become champion (does not move any alias). `reevaluate`
+    returns the champion's metric on the current validation data: a float, or a Measured
+    with the interval and ESS of an ope metric."""
     mv = client.get_model_version(name, version)
-    value = version_metric(mv, metric)
+    mine = version_measure(mv, metric)
+    value = None if mine is None else mine.value
     champ = get_alias(client, name, CHAMPION)
 
-    def result(promoted: bool, reason: str, champ_value: float | None = None) -> Decision:
-        return Decision(str(mv.version), promoted, reason, metric, value,
-                        str(champ.version) if champ else None, champ_value, margin)
+    def result(promoted: bool, reason: str, theirs: Measured | None = None) -> Decision:
+        return Decision(str(mv.version), promoted, reason, metric, value, str(champ.version) if champ else None,
+                        None if theirs is None else theirs.value, margin).with_measures(mine, theirs)
 
-    if value is None:
+    if mine is None:
+        if (mv.tags or {}).get(metric_tag(metric)) is not None:  # NaN: e.g. an estimate with no weight
+            return result(False, f"version {mv.version} has '{metric_tag(metric)}' = nan (undefined: for an "
+                                 f"off-policy estimate, no logged list matched its lists)")
         return result(False, f"version {mv.version} has no '{metric_tag(metric)}' tag (not evaluated)")
     if champ is None:
         return result(True, "no champion yet")
     if champ.version == mv.version:
-        return result(True, "already champion", value)
+        return result(True, "already champion", mine)
     same_data = (champ.tags or {}).get(TAG_DATA_VERSION) == (mv.tags or {}).get(TAG_DATA_VERSION)
     if same_data:
-        champ_value = version_metric(champ, metric)
-        if champ_value is None:
+        theirs = version_measure(champ, metric)
+        if theirs is None:
             # A champion without the metric cannot be beaten fairly; keep it unless forced.
             return result(False, f"champion v{champ.version} has no '{metric_tag(metric)}' tag")
     elif reevaluate is not None:
-        champ_value = float(reevaluate(champ))
+        got = reevaluate(champ)
+        theirs = got if isinstance(got, Measured) else Measured(float(got))
     else:
         return result(False, "champion was evaluated on different validation data and no re-evaluation is available")
-    better = value >= champ_value + margin
+    better = value >= theirs.value + margin
     how = "same validation data" if same_data else "champion re-evaluated on current validation data"
+    if is_ope(metric):
+        how += "; point estimates compared, intervals recorded"
     verdict = ">=" if better else "<"
-    return result(better, f"{metric} {value:.6f} {verdict} champion {champ_value:.6f} + margin {margin} ({how})", champ_value)
+    return result(better, f"{metric} {_describe(mine)} {verdict} champion {_describe(theirs)} "
+                          f"+ margin {margin} ({how})", theirs)
 
 
 def promote(
@@ -186,7 +251,7 @@ def promote(
     metric: str = "ndcg@6",
     margin: float = 0.0,
     force: bool = False,
-    reevaluate: Callable[[ModelVersion], float] | None = None,
+    reevaluate: Callable[[ModelVersion], float | Measured] | None = None,
 ) -> Decision:
     """Move `champion` to `version` (default: the current `challenger`) if `decide` says so, or
     unconditionally with `force` (an unevaluated version is never promoted, even forced)."""
@@ -205,8 +270,10 @@ def promote(
                         None, str(champ.version) if champ else None, None, margin)
     if force:
         champ = get_alias(client, name, CHAMPION)
-        d = Decision(str(mv.version), True, "forced", metric, version_metric(mv, metric),
-                     str(champ.version) if champ else None, version_metric(champ, metric) if champ else None, margin)
+        mine, theirs = version_measure(mv, metric), version_measure(champ, metric)
+        d = Decision(str(mv.version), True, "forced", metric, mine.value if mine else None,
+                     str(champ.version) if champ else None, theirs.value if theirs else None,
+                     margin).with_measures(mine, theirs)
     else:
         d = decide(client, name, str(mv.version), metric, margin, reevaluate)
     if d.promoted:

@@ -188,6 +188,18 @@ def log_evaluation(metrics: pa.Table) -> None:
     })
 
 
+def log_ope(estimates: pa.Table) -> None:
+    """The evaluate stage's OPE table (schemas.OPE) as a table artifact and as metrics
+    `{split}.{policy}.ope_{estimator}` and `....ope_{estimator}.ess`."""
+    df = estimates.to_pandas()
+    mlflow.log_table(df, artifact_file="evaluation/ope.json")
+    values = {}
+    for r in df.itertuples():
+        key = mlflow_key(f"{r.split}.{r.policy}.ope_{r.estimator}")
+        values.update({key: float(r.value), f"{key}.ess": float(r.ess)})
+    mlflow.log_metrics(values)
+
+
 def log_decision(decision: dict[str, Any]) -> None:
     mlflow.set_tags({
         "goalrank.promotion.version": str(decision["version"]),
@@ -198,6 +210,8 @@ def log_decision(decision: dict[str, Any]) -> None:
     vals = {"promotion.challenger_value": decision.get("challenger_value"),
             "promotion.champion_value": decision.get("champion_value"),
             "promotion.promoted": float(bool(decision["promoted"]))}
+    for side in ("challenger", "champion"):  # an ope metric's interval and ESS (None otherwise)
+        vals.update({f"promotion.{side}_{part}": decision.get(f"{side}_{part}") for part in ("ci_low", "ci_high", "ess")})
     mlflow.log_metrics({k: float(v) for k, v in vals.items() if v is not None})
 
 

@@ -16,14 +16,17 @@ TINY_OVERRIDES = {
 }
 
 
-def synth_source(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Seeded synthetic impressions and items as Parquet under `folder`."""
+def synth_source(folder: Path, seed: int = 0, logger: str = "noisy", n_candidates: int = 10,
+                 slate_len: int = 4) -> tuple[Path, Path]:
+    """Seeded synthetic impressions and items as Parquet under `folder`; logger="plackett-luce"
+    logs their propensities (position_propensities too when n_candidates <= 8 with L = 4)."""
     import pyarrow.parquet as pq
 
     from goalrank_core.synth import synth_impressions
 
-    imp, items, _ = synth_impressions(n_users=40, n_items=60, requests_per_user=6, slate_len=4, n_candidates=10,
-                                      n_categories=4, history_len=8, seed=seed)
+    imp, items, _ = synth_impressions(n_users=40, n_items=60, requests_per_user=6, slate_len=slate_len,
+                                      n_candidates=n_candidates, n_categories=4, history_len=8, seed=seed,
+                                      logger=logger)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(imp, folder / "impressions.parquet")
     pq.write_table(items, folder / "items.parquet")

@@ -187,3 +187,53 @@ def test_crash_between_register_and_promote_leaves_champion_valid(env, store):
     assert not created and len(client.search_model_versions(f"name = '{name}'")) == 2
     assert registry.promote(client, name, mv.version).promoted
     assert _champion(client, name) == mv.version
+
+
+def _register_ope(client, exp, root, name, run_id, value, ci, ess, data="d1"):
+    """A version tagged as the flow tags one evaluated on logs with propensities."""
+    mlrun, source = _logged_model(client, exp, root)
+    key = "valid.ope:snips"
+    metrics = {"valid.ndcg@6": 0.40, key: value, f"{key}.ci_low": ci[0], f"{key}.ci_high": ci[1], f"{key}.ess": ess}
+    mv, _ = registry.register(client, name, source, mlrun, run_id, "c1", metrics,
+                              tags={registry.TAG_DATA_VERSION: data})
+    return mv
+
+
+def test_ope_metric_compares_point_estimates_and_records_intervals_and_ess(env):
+    client, exp, name, root = env
+    old_keys = {"version", "promoted", "reason", "metric", "challenger_value", "champion_version", "champion_value",
+                "margin"}
+    v1 = _register_ope(client, exp, root, name, "r1", 1.20, (1.00, 1.40), 30.0)
+    assert client.get_model_version(name, v1.version).tags["goalrank.metric.valid.ope:snips.ess"] == "30.0"
+    d1 = registry.promote(client, name, v1.version, metric="ope:snips")
+    assert d1.promoted and d1.reason == "no champion yet"
+    assert (d1.challenger_value, d1.challenger_ci_low, d1.challenger_ci_high, d1.challenger_ess) == (1.20, 1.00, 1.40, 30.0)
+    assert d1.champion_ci_low is None and d1.champion_ess is None
+    # Overlapping intervals: the point estimates decide, and both intervals are recorded.
+    v2 = _register_ope(client, exp, root, name, "r2", 1.25, (0.90, 1.60), 12.0)
+    d2 = registry.promote(client, name, v2.version, metric="ope:snips")
+    assert d2.promoted and _champion(client, name) == v2.version
+    assert (d2.champion_value, d2.champion_ci_low, d2.champion_ci_high, d2.champion_ess) == (1.20, 1.00, 1.40, 30.0)
+    assert (d2.challenger_ci_low, d2.challenger_ci_high, d2.challenger_ess) == (0.90, 1.60, 12.0)
+    assert d2.reason == ("ope:snips 1.250000 [0.9000, 1.6000] ESS 12.0000 >= champion 1.200000 [1.0000, 1.4000] "
+                         "ESS 30.0000 + margin 0.0 (same validation data; point estimates compared, intervals recorded)")
+    d = d2.to_dict()
+    assert old_keys <= set(d) and d["challenger_ess"] == 12.0 and d["champion_ci_high"] == 1.40
+    # Lower estimate, or not above champion + margin: champion stays.
+    v3 = _register_ope(client, exp, root, name, "r3", 1.10, (1.05, 1.15), 50.0)
+    assert not registry.decide(client, name, v3.version, "ope:snips").promoted
+    assert not registry.decide(client, name, v3.version, "ope:snips", margin=-0.1).promoted
+    assert registry.decide(client, name, v3.version, "ope:snips", margin=-0.2).promoted
+    # The NDCG gate on the same versions has no interval fields (backwards compatible dict).
+    nd = registry.decide(client, name, v3.version, "ndcg@6").to_dict()
+    assert old_keys <= set(nd) and nd["challenger_ess"] is None and nd["champion_ci_low"] is None and nd["promoted"]
+    # Champion on other validation data: the re-evaluation gives the estimate with its interval and ESS.
+    v4 = _register_ope(client, exp, root, name, "r4", 1.30, (1.10, 1.50), 25.0, data="d2")
+    d4 = registry.decide(client, name, v4.version, "ope:snips",
+                         reevaluate=lambda champ: registry.Measured(1.35, 1.2, 1.5, 40.0))
+    assert not d4.promoted and "re-evaluated" in d4.reason
+    assert (d4.champion_value, d4.champion_ci_low, d4.champion_ci_high, d4.champion_ess) == (1.35, 1.2, 1.5, 40.0)
+    # An undefined estimate (no logged list matched: NaN) never promotes.
+    v5 = _register_ope(client, exp, root, name, "r5", float("nan"), (float("nan"), float("nan")), 0.0)
+    d5 = registry.decide(client, name, v5.version, "ope:snips", margin=-10.0)
+    assert not d5.promoted and "= nan" in d5.reason and d5.challenger_value is None

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "validation metric is no worse than the champion's, or unconditionally with --force.")
     p.add_argument("--version", help="model version (default: the current challenger)")
     p.add_argument("--force", action="store_true", help="promote without comparing (an unevaluated version never)")
-    p.add_argument("--metric", default=None, help="validation metric to compare (default ndcg@L)")
+    p.add_argument("--metric", default=None, help="validation metric to compare (default ndcg@L), or ope:<estimator> "
+                   "(ips, snips, pi, snpi): an off-policy estimate the run recorded from logged propensities")
     p.add_argument("--margin", type=float, default=0.0, help="promote if new >= champion + margin (default 0)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: settings)")
     p.add_argument("--model-name", help="registered model name (default: settings)")
@@ -79,7 +80,10 @@ def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML/JSON config file (GoalRankConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set group.size=10 (repeatable)")
-    p.add_argument("--promotion-metric", help="validation metric deciding promotion (default ndcg@L)")
+    p.add_argument("--promotion-metric", help="validation metric deciding promotion (default ndcg@L), or "
+                   "ope:<estimator> (ips, snips, pi, snpi): an off-policy estimate of GoalRank's expected slate reward "
+                   "on the logged validation split, for impressions with propensity/log_propensity (pi, snpi: also "
+                   "position_propensities)")
     p.add_argument("--promotion-margin", type=float, default=0.0,
                    help="new model must reach champion + margin (default 0: no worse)")
     p.add_argument("--cold", action="store_true",
@@ -131,6 +135,10 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     from goalrank.cli.common import split_override
 
     overrides = {**parse_overrides(args.overrides), **split_override(args)}
+    if args.promotion_metric:  # an unknown off-policy estimator fails here, before Prefect starts
+        from flows.promotion import estimator
+
+        estimator(args.promotion_metric)
     base = GoalRankConfig.from_dict(model)
     if overrides:
         base.override(overrides)
@@ -271,6 +279,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from flows import registry
+    from flows.promotion import estimator
+
+    estimator(metric)  # "ope:<unknown>" is a one-line error
 
     decision = registry.promote(MlflowClient(st.tracking_uri), st.model_name, args.version, metric=metric,
                                 margin=args.margin, force=args.force)
