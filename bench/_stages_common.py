@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import CANDIDATE_GROUPS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import load_bundle, save_bundle
 from tasks.stages import DataSource, prepare, stage_uri
 
@@ -32,10 +32,10 @@ def untrained_reward(root: str, prep: str, cfg: GoalRankConfig) -> str:
     from goalrank_core.trainer import set_seed
 
     def body(out: str) -> dict:
-        bundle = load_bundle(storage.join(prep, "vocab"), "bench vocab")
+        bundle = load_bundle(object_store.join(prep, "vocab"), "bench vocab")
         set_seed(cfg.train.seed)
         bundle.add("reward", "reward", bundle.build("reward").eval())
-        return {"models": {"model": save_bundle(bundle, storage.join(out, "model"))}}
+        return {"models": {"model": save_bundle(bundle, object_store.join(out, "model"))}}
 
     return storage.run_stage(stage_uri(root, "ml-100k", "bench", "reward-untrained"), "reward", cfg,
                              {"prepared": prep}, body).uri
@@ -48,7 +48,7 @@ def random_groups(root: str, prep: str, cfg: GoalRankConfig, fraction: float = 1
     work than ML-100K has requests."""
 
     def body(out: str) -> dict:
-        train = storage.read_table(storage.join(prep, "train"), None, "bench train")
+        train = storage.read_table(object_store.join(prep, "train"), None, "bench train")
         train = train.slice(0, int(round(train.num_rows * fraction)))
         rng = np.random.default_rng(cfg.train.seed)
         lists = pa.concat_arrays([_random_lists(train.column("candidates").combine_chunks(), cfg, rng)
@@ -57,7 +57,7 @@ def random_groups(root: str, prep: str, cfg: GoalRankConfig, fraction: float = 1
         table = pa.table({"request_id": ids, "lists": lists,
                           "policies": pa.array([["random"] * cfg.group.size] * len(lists),
                                                CANDIDATE_GROUPS.field("policies").type)})
-        rows = storage.write_table(table, storage.join(out, "groups"), CANDIDATE_GROUPS, "bench groups")
+        rows = storage.write_table(table, object_store.join(out, "groups"), CANDIDATE_GROUPS, "bench groups")
         return {"tables": {"groups": storage.table_entry(CANDIDATE_GROUPS, rows)}}
 
     name = f"candidates-random-{int(fraction * 100)}" + (f"-x{repeat}" if repeat > 1 else "")

@@ -39,7 +39,7 @@ import torch
 
 from bench._stages_common import config, prepared, random_groups, untrained_reward
 from bench.common import Recorder, table
-from tasks import storage
+from tasks import object_store, storage
 from tasks.ray_runtime import ensure_ray
 
 # quick: 300 users, ~4.5k training requests x 8 (36k groups). full: all 943 users, ~13.5k x 11
@@ -53,9 +53,9 @@ def _load(prep: str, reward_uri: str, cand: str) -> tuple:
     from tasks._data import load_bundle
     from tasks._groups import RequestIndex
 
-    bundle = load_bundle(storage.join(reward_uri, "model"), "bench reward")
-    index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
-    groups = storage.read_table(storage.join(cand, "groups"), None, "bench groups")
+    bundle = load_bundle(object_store.join(reward_uri, "model"), "bench reward")
+    index = RequestIndex(storage.read_table(object_store.join(prep, "train"), None, "bench train"), "bench")
+    groups = storage.read_table(object_store.join(cand, "groups"), None, "bench groups")
     return bundle, bundle.require("reward").eval(), index, groups
 
 
@@ -142,7 +142,7 @@ def stage_run(prep: str, reward_uri: str, cand: str, cfg, root: str, actors: int
     os.environ["GOALRANK_DATA_ORDERED"] = "1" if ordered else "0"
     t0 = time.perf_counter()
     try:
-        res = score(cand, prep, reward_uri, storage.join(root, f"score-a{actors}{'' if ordered else 'u'}-t{trial}"), cfg)
+        res = score(cand, prep, reward_uri, object_store.join(root, f"score-a{actors}{'' if ordered else 'u'}-t{trial}"), cfg)
     finally:
         os.environ.pop("GOALRANK_DATA_ORDERED", None)
     dt = time.perf_counter() - t0

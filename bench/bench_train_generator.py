@@ -22,7 +22,7 @@ import torch
 
 from bench._stages_common import config, prepared, random_groups, untrained_reward
 from bench.common import Recorder
-from tasks import storage
+from tasks import object_store, storage
 from tasks.ray_runtime import ensure_ray
 
 
@@ -36,9 +36,9 @@ def in_process(prep: str, scored: str, cfg, threads: int) -> dict:
     from tasks._groups import RequestIndex, groups_to_positions
 
     torch.set_num_threads(threads)
-    bundle = load_bundle(storage.join(prep, "vocab"), "bench vocab")
-    groups = storage.read_table(storage.join(scored, "groups"), None, "bench scored")
-    index = RequestIndex(storage.read_table(storage.join(prep, "train"), None, "bench train"), "bench")
+    bundle = load_bundle(object_store.join(prep, "vocab"), "bench vocab")
+    groups = storage.read_table(object_store.join(scored, "groups"), None, "bench scored")
+    index = RequestIndex(storage.read_table(object_store.join(prep, "train"), None, "bench train"), "bench")
     enc = encode(bundle, index.take(groups.column("request_id")))
     pos, mask = groups_to_positions(enc, groups.column("lists"), cfg.group.size, "bench")
     pi = np.zeros(mask.shape, np.float32)
@@ -59,7 +59,7 @@ def stage_run(prep: str, scored: str, cfg, root: str, workers: int) -> dict:
 
     cfg = cfg.override({"train.num_workers": workers})
     t0 = time.perf_counter()
-    res = train_generator(scored, prep, None, storage.join(root, f"generator-w{workers}"), cfg)
+    res = train_generator(scored, prep, None, object_store.join(root, f"generator-w{workers}"), cfg)
     wall = time.perf_counter() - t0
     epochs = res.manifest["training"]["epochs"]
     steady = [e["samples_per_s"] for e in epochs[1:]] or [epochs[0]["samples_per_s"]]
@@ -84,7 +84,7 @@ def main() -> None:
         root = args.storage or tmp
         prep = prepared(root, cfg)
         cand = random_groups(root, prep, cfg, fraction=FRACTION[args.mode])
-        scored = score(cand, prep, untrained_reward(root, prep, cfg), storage.join(root, "scored"), cfg).uri
+        scored = score(cand, prep, untrained_reward(root, prep, cfg), object_store.join(root, "scored"), cfg).uri
         local1 = in_process(prep, scored, cfg, 1)
         local_all = in_process(prep, scored, cfg, os.cpu_count() or 1) if args.mode == "full" else None
         one = stage_run(prep, scored, cfg, root, 1)

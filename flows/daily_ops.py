@@ -82,17 +82,17 @@ def _champion_date(mv: Any) -> date | None:
 def _champion_models(mv: Any, model_name: str, tracking_uri: str) -> tuple[Any, Any, str]:
     """(generator bundle, reward bundle or None, note) of a registered version."""
     from flows.tracking import load_bundle_from
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks._data import load_bundle
 
     gen = load_bundle_from(f"models:/{model_name}/{mv.version}", tracking_uri)
     prefix = (mv.tags or {}).get("goalrank.storage_prefix")
     if not prefix:
         return gen, None, "no goalrank.storage_prefix tag: reward model starts cold"
-    reward_stage = storage.join(prefix, "reward_model")
+    reward_stage = object_store.join(prefix, "reward_model")
     if storage.read_manifest(reward_stage) is None:
         return gen, None, f"{reward_stage} is gone: reward model starts cold"
-    return gen, load_bundle(storage.join(reward_stage, "model"), "warm start: champion reward model"), ""
+    return gen, load_bundle(object_store.join(reward_stage, "model"), "warm start: champion reward model"), ""
 
 
 def _remap(old_bundle: Any, name: str, kind: str, new_bundle: Any, config: GoalRankConfig, section: str) -> tuple[Any, dict]:
@@ -120,7 +120,7 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
 
     from flows import registry
     from goalrank_core.partitions import parse_date
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks._data import load_bundle, save_bundle
     from tasks.storage import run_stage
 
@@ -151,7 +151,7 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
         decision = {"key": key, "warm": False, "version": str(champ.version) if champ else None, "reason": reason,
                     "generator": None, "reward": None, "stats": {}}
         if champ is not None:
-            new = load_bundle(storage.join(prepared, "vocab"), "warm start: vocabulary")
+            new = load_bundle(object_store.join(prepared, "vocab"), "warm start: vocabulary")
             new.config = config
             old_gen, old_rew, note = _champion_models(champ, model_name, tracking_uri)
             notes = [note] if note else []
@@ -166,8 +166,8 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
                     continue
                 b = type(new)(config, new.item_vocab, new.user_vocab, dict(new.item_category), new.dims)
                 b.add(name, kind, model.eval())
-                save_bundle(b, storage.join(out, what, "model"))
-                decision[what] = storage.join(out, what)
+                save_bundle(b, object_store.join(out, what, "model"))
+                decision[what] = object_store.join(out, what)
                 decision["stats"][what] = stats
             decision["warm"] = decision["generator"] is not None or decision["reward"] is not None
             decision["reason"] = "; ".join([f"from champion v{champ.version}"] + notes)
@@ -224,10 +224,10 @@ def record_uri(storage_uri: str, dataset: str, run_id: str) -> str:
 
 def write_record(storage_uri: str, dataset: str, run_id: str, record: dict) -> str:
     """Mark the run complete (written last, after registration and the promotion decision)."""
-    from tasks import storage
+    from tasks import object_store, storage
 
     uri = record_uri(storage_uri, dataset, run_id)
-    storage.write_json(storage.manifest_uri(uri), {"stage": RECORD_STAGE, **record})
+    object_store.write_json(storage.manifest_uri(uri), {"stage": RECORD_STAGE, **record})
     return uri
 
 

@@ -69,7 +69,7 @@ def validation_columns(impressions: str, run_date: str, window_days: int) -> set
     import pyarrow.parquet as pq
 
     from goalrank_core.partitions import parse_date
-    from tasks import storage
+    from tasks import object_store
     from tasks.partitions import list_partitions, plan_window
 
     uri = impressions
@@ -79,7 +79,7 @@ def validation_columns(impressions: str, run_date: str, window_days: int) -> set
             uri = parts[plan_window(impressions, parse_date(run_date), window_days).holdout]
         except (ValueError, KeyError):  # no window for this date: the data gates say why
             return None
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         files = [path]
@@ -100,7 +100,8 @@ def validation_columns(impressions: str, run_date: str, window_days: int) -> set
 def read_ope(evaluate_uri: str, manifest: dict) -> Any:
     """The evaluate stage's OPE table, or None when the splits carried no propensities."""
     from goalrank_core.schemas import OPE
-    from tasks.storage import join, read_table
+    from tasks.object_store import join
+    from tasks.storage import read_table
 
     if "ope" not in (manifest.get("tables") or {}):
         return None

@@ -299,7 +299,7 @@ def _local_dir(uri: str, tmp: str) -> str:
     """A local directory holding `uri` (copied out of object storage when needed)."""
     if "://" not in uri or uri.startswith("file://"):
         return uri[len("file://"):] if uri.startswith("file://") else uri
-    from tasks.storage import download_dir  # S3 settings from the AWS_* environment
+    from tasks.object_store import download_dir  # S3 settings from the AWS_* environment
 
     return str(download_dir(uri, Path(tmp) / BUNDLE_ARTIFACT))
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from goalrank_core.schemas import IMPRESSIONS, conform, prepared_schema
-from tasks import storage
+from tasks import object_store, storage
 
 
 def read_dataset(uri: str, what: str) -> Any:
@@ -19,14 +19,14 @@ def read_dataset(uri: str, what: str) -> Any:
     import ray.data
 
     storage.require_complete(uri, what)
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     return ray.data.read_parquet(path, filesystem=fs, partitioning=None)
 
 
 def read_split(prepared: str, split: str, what: str, propensities: bool = False) -> pa.Table:
     """A prepared split, checked against its contract (schemas.prepared_schema): the IMPRESSIONS
     columns, and with `propensities` also the logging propensity columns it carries."""
-    table = storage.read_table(storage.join(prepared, split), None, what)
+    table = storage.read_table(object_store.join(prepared, split), None, what)
     table = conform(table, prepared_schema(table.column_names), what)
     return table if propensities else table.select(IMPRESSIONS.names)
 
@@ -72,7 +72,7 @@ def write_dataset(ds: Any, uri: str, schema: pa.Schema, what: str, stats: dict |
 def ordered_parquet_sink(uri: str, schema: pa.Schema, min_rows_per_file: int | None = None) -> Any:
     """A Ray Data Datasink writing each write task's blocks, in the order they come, to one
     Parquet file `part-{task index:06d}-{write id}.parquet` under folder `uri` (names sort
-    in task order, as readers list them), through `tasks.storage.filesystem` (local or S3).
+    in task order, as readers list them), through `tasks.object_store.filesystem` (local or S3).
     The folder is emptied when the write starts."""
     import uuid
 
@@ -84,14 +84,14 @@ def ordered_parquet_sink(uri: str, schema: pa.Schema, min_rows_per_file: int | N
             self.write_id = uuid.uuid4().hex[:12]
 
         def on_write_start(self, schema_seen: pa.Schema | None = None) -> None:
-            fs, path = storage.filesystem(uri)
+            fs, path = object_store.filesystem(uri)
             fs.create_dir(path, recursive=True)
             fs.delete_dir_contents(path, missing_dir_ok=True)
 
         def write(self, blocks: Any, ctx: Any) -> int:
             import pyarrow.parquet as pq
 
-            fs, path = storage.filesystem(uri)
+            fs, path = object_store.filesystem(uri)
             rows, writer, sink = 0, None, None
             try:
                 for block in blocks:
@@ -146,7 +146,7 @@ def operator_stats(ds: Any) -> dict[str, dict]:
 
 def count_rows(uri: str) -> int:
     """Rows of a Parquet folder, from the file footers only."""
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
 
 
@@ -162,7 +162,7 @@ def load_bundle(uri: str, what: str, map_location: str = "cpu") -> Any:
 
     storage.require_complete(uri, what)
     with tempfile.TemporaryDirectory(prefix="goalrank-bundle-") as tmp:
-        local = storage.download_dir(uri, os.path.join(tmp, "b"))
+        local = object_store.download_dir(uri, os.path.join(tmp, "b"))
         return ModelBundle.load(local, map_location=map_location)
 
 
@@ -171,7 +171,7 @@ def save_bundle(bundle: Any, uri: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="goalrank-bundle-") as tmp:
         local = os.path.join(tmp, "b")
         bundle.save(local)
-        storage.upload_dir(local, uri)
+        object_store.upload_dir(local, uri)
     return {"models": sorted(bundle.models), "kinds": dict(bundle.kinds)}
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from goalrank_core.config import GoalRankConfig
-from tasks import storage
+from tasks import object_store
 from tasks._data import load_bundle, read_dataset, save_bundle
 from tasks._memory import self_peak_mb
 
@@ -30,7 +30,7 @@ def max_failures_default() -> int:
 
 def checkpoint_root(out: str) -> str:
     """Where a stage's Ray Train checkpoints live: beside the run's stage folders."""
-    return storage.join(storage.parent(out), "_checkpoints")
+    return object_store.join(object_store.parent(out), "_checkpoints")
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, Any], out: str, name: str,
@@ -46,7 +46,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, Any
         # Workers' shards come from the split coordinator; its per-epoch bars would only
         # interleave with the epoch lines.
         ds.context.enable_progress_bars = False
-    fs, path = storage.filesystem(checkpoint_root(out))
+    fs, path = object_store.filesystem(checkpoint_root(out))
     fs.create_dir(path, recursive=True)
     trainer = TorchTrainer(
         loop,
@@ -66,7 +66,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, Any
 
 def clear_checkpoints(out: str, name: str) -> None:
     """Drop a finished stage's checkpoints (its model is in the stage folder now)."""
-    storage.delete(storage.join(checkpoint_root(out), name))
+    object_store.delete(object_store.join(checkpoint_root(out), name))
 
 
 # ---------------------------------------------------------------- inside a worker
@@ -305,7 +305,7 @@ def train_and_save(spec: TrainSpec, train_uri: str, out: str, stage: str, key: s
     model = bundle.build(kind)
     model.load_state_dict(state["best"] if state.get("best") is not None else state["model"])
     bundle.add(model_name, kind, model.eval())
-    saved = save_bundle(bundle, storage.join(out, "model"))
+    saved = save_bundle(bundle, object_store.join(out, "model"))
     clear_checkpoints(out, name)
     history = state["history"]
     peak = max((h.get("worker_peak_rss_mb", 0.0) for h in history), default=None)

@@ -14,7 +14,7 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import CANDIDATE_GROUPS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import batch_seed, device, load_bundle, read_dataset, write_dataset
 from tasks._groups import positions_to_rows
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
@@ -31,12 +31,12 @@ class Proposer:
         self.config = GoalRankConfig.from_dict(config_dict)
         self.round = round
         self.dev = device()
-        self.bundle = load_bundle(storage.join(policies, "model"), "candidates: policies", self.dev)
+        self.bundle = load_bundle(object_store.join(policies, "model"), "candidates: policies", self.dev)
         res = policy_resources(self.bundle)
         self.aux = build_auxiliary(res) + ([res.extra["supervised"]] if "supervised" in res.extra else [])
         self.generator = self.bundle.models.get("supervised")
         if generator is not None:
-            self.generator = load_bundle(storage.join(generator, "model"), "candidates: generator", self.dev).require("generator")
+            self.generator = load_bundle(object_store.join(generator, "model"), "candidates: generator", self.dev).require("generator")
 
     @torch.no_grad()
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -68,15 +68,15 @@ def generate_candidates(prepared: str, policies: str, generator: str | None, out
 
     def body(out: str) -> dict:
         compute, res = actor_pool(pool_size())
-        ds = read_dataset(storage.join(prepared, "train"), "candidates: train split")
+        ds = read_dataset(object_store.join(prepared, "train"), "candidates: train split")
         # One batch per block, as in `score`: a split written as one Parquet file is otherwise one
         # block, and one block feeds one actor of the pool (measured on ML-1M: 1 of 2 actors busy).
         ds = ds.repartition(target_num_rows_per_block=config.train.batch_size)
         groups = ds.map_batches(
-            Proposer, fn_constructor_args=(storage.normalize(policies), storage.normalize(generator) if generator else None,
+            Proposer, fn_constructor_args=(object_store.normalize(policies), object_store.normalize(generator) if generator else None,
                                            config.to_dict(), round),
             batch_size=config.train.batch_size, batch_format="pyarrow", compute=compute, **res)
-        rows = write_dataset(groups, storage.join(out, "groups"), CANDIDATE_GROUPS, "candidate groups")
+        rows = write_dataset(groups, object_store.join(out, "groups"), CANDIDATE_GROUPS, "candidate groups")
         return {"tables": {"groups": storage.table_entry(CANDIDATE_GROUPS, rows)}}
 
     return run_stage(out, "candidates", config, inputs, body, params={"round": round})

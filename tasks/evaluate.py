@@ -15,7 +15,7 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import METRICS, OPE, RANKED
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset, read_split
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
@@ -26,9 +26,9 @@ EXCLUDED = ("logged",)  # the logged list holds exactly the labelled items: an o
 
 def merged_bundle(reward_model: str, policies: str, generator: str, dev: str = "cpu"):
     """One bundle with the reward model, the auxiliary policies and the GoalRank generator."""
-    pol = load_bundle(storage.join(policies, "model"), "evaluate: policies", dev)
-    rew = load_bundle(storage.join(reward_model, "model"), "evaluate: reward model", dev)
-    gen = load_bundle(storage.join(generator, "model"), "evaluate: generator", dev)
+    pol = load_bundle(object_store.join(policies, "model"), "evaluate: policies", dev)
+    rew = load_bundle(object_store.join(reward_model, "model"), "evaluate: reward model", dev)
+    gen = load_bundle(object_store.join(generator, "model"), "evaluate: generator", dev)
     gen.require("generator")
     return pol.merge(rew, gen)
 
@@ -87,10 +87,10 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
 
     def body(out: str) -> dict:
         tables, rows, ope = {}, [], []
-        args = tuple(storage.normalize(u) for u in (reward_model, policies, generator)) + (config.to_dict(),)
+        args = tuple(object_store.normalize(u) for u in (reward_model, policies, generator)) + (config.to_dict(),)
         truth = {s: read_split(prepared, s, f"evaluate: {s} split", propensities=True) for s in EVAL_SPLITS}
         # Both splits through one actor pool (each actor loads every model once).
-        parts = [read_dataset(storage.join(prepared, s), f"evaluate: {s} split")
+        parts = [read_dataset(object_store.join(prepared, s), f"evaluate: {s} split")
                  .add_column("split", _const(s), batch_format="pyarrow") for s in EVAL_SPLITS if truth[s].num_rows]
         compute, res = actor_pool(pool_size())
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -102,19 +102,19 @@ def evaluate(prepared: str, reward_model: str, policies: str, generator: str, ou
             for name in sorted(set(in_split.column("policy").to_pylist())):
                 part = in_split.filter(pc.equal(in_split.column("policy"), name)).select(["request_id", "ranked"])
                 rel = f"ranked/{split}/{name}"
-                tables[rel] = storage.table_entry(RANKED, storage.write_table(part, storage.join(out, rel), RANKED,
+                tables[rel] = storage.table_entry(RANKED, storage.write_table(part, object_store.join(out, rel), RANKED,
                                                                               f"ranked {split} {name}"))
                 results = evaluate_lists(part, truth[split], ks=(config.protocol.slate_len,), seed=config.train.seed)
                 rows += metrics_rows(split, name, results)
                 if has_propensities(truth[split]):
                     ope += ope_rows(split, name, evaluate_ope(part, truth[split], seed=config.train.seed))
         metrics = metrics_table(rows)
-        tables["metrics"] = storage.table_entry(METRICS, storage.write_table(metrics, storage.join(out, "metrics"),
+        tables["metrics"] = storage.table_entry(METRICS, storage.write_table(metrics, object_store.join(out, "metrics"),
                                                                              METRICS, "metrics"))
         extra = {}
         if ope:
             estimates = ope_table(ope)
-            tables["ope"] = storage.table_entry(OPE, storage.write_table(estimates, storage.join(out, "ope"), OPE,
+            tables["ope"] = storage.table_entry(OPE, storage.write_table(estimates, object_store.join(out, "ope"), OPE,
                                                                          "off-policy estimates"))
             extra["ope"] = {r["split"] + "." + r["policy"] + "." + r["estimator"]: r["value"] for r in ope}
         return {"tables": tables, "metrics": _summary(metrics), **extra}

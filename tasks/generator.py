@@ -13,7 +13,7 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import load_bundle, read_split
 from tasks._groups import RequestIndex, groups_to_positions, padded_values
 from tasks._train import TrainSpec, train_and_save
@@ -23,7 +23,7 @@ from tasks.storage import StageResult, run_stage, stage_fingerprint
 
 def init_weights(init: str, what: str) -> dict[str, torch.Tensor]:
     """Generator weights of a generator stage ("generator") or a policies stage ("supervised")."""
-    bundle = load_bundle(storage.join(init, "model"), what)
+    bundle = load_bundle(object_store.join(init, "model"), what)
     name = "generator" if "generator" in bundle.models else "supervised"
     return bundle.require(name).state_dict()
 
@@ -39,8 +39,8 @@ class GeneratorSpec(TrainSpec):
     def setup(self, rank: int) -> torch.nn.Module:
         from goalrank_core.bundle import encode
 
-        self.bundle = load_bundle(storage.join(self.prepared, "vocab"), "generator: vocabulary")
-        self.requests = RequestIndex(storage.read_table(storage.join(self.prepared, "train"), IMPRESSIONS,
+        self.bundle = load_bundle(object_store.join(self.prepared, "vocab"), "generator: vocabulary")
+        self.requests = RequestIndex(storage.read_table(object_store.join(self.prepared, "train"), IMPRESSIONS,
                                                         "generator: train split"), "generator")
         self.valid = None
         if rank == 0:
@@ -85,8 +85,8 @@ def train_generator(scored: str, prepared: str, init: str | None, out: str, conf
     key, _ = stage_fingerprint("generator", config, inputs)
 
     def body(out: str) -> dict:
-        spec = GeneratorSpec(config.to_dict(), storage.normalize(prepared), storage.normalize(init) if init else None)
-        return train_and_save(spec, storage.join(scored, "groups"), out, "generator", key, config, "generator",
-                           "generator", storage.join(prepared, "vocab"), max_failures)
+        spec = GeneratorSpec(config.to_dict(), object_store.normalize(prepared), object_store.normalize(init) if init else None)
+        return train_and_save(spec, object_store.join(scored, "groups"), out, "generator", key, config, "generator",
+                           "generator", object_store.join(prepared, "vocab"), max_failures)
 
     return run_stage(out, "generator", config, inputs, body)

@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.gates import DataGateError, check_partition, report
 from goalrank_core.partitions import PartitionError, Window, parse_partition, partition_name, select_window
-from tasks import storage
+from tasks import object_store
 
 
 def list_partitions(uri: str) -> dict[date, str]:
     """{date: partition URI} of the `date=YYYY-MM-DD` folders directly under `uri` (other
     entries are ignored; a malformed `date=` folder is a PartitionError)."""
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         return {}
@@ -36,7 +36,7 @@ def list_partitions(uri: str) -> dict[date, str]:
             continue
         day = parse_partition(child.base_name)
         if day is not None:
-            out[day] = storage.join(storage.normalize(uri), child.base_name)
+            out[day] = object_store.join(object_store.normalize(uri), child.base_name)
     return dict(sorted(out.items()))
 
 
@@ -47,11 +47,11 @@ def is_partitioned(uri: str | None) -> bool:
 
 def plan_window(impressions: str, run_date: date, days: int) -> Window:
     """The run's window among the partitions present (goalrank_core.partitions.select_window)."""
-    return select_window(list_partitions(impressions), run_date, days, where=storage.normalize(impressions))
+    return select_window(list_partitions(impressions), run_date, days, where=object_store.normalize(impressions))
 
 
 def _files(part_uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, path = storage.filesystem(part_uri)
+    fs, path = object_store.filesystem(part_uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                       and not posixpath.basename(i.path).startswith(("_", ".")))
@@ -139,9 +139,9 @@ def run_gates(impressions: str, window: Window, config: GoalRankConfig) -> dict:
 
 def write_partition(table: pa.Table, dataset_uri: str, day: date) -> str:
     """Write `table` as the only file of partition `day` under `dataset_uri` (replacing it). -> URI."""
-    uri = storage.join(storage.normalize(dataset_uri), partition_name(day))
-    storage.delete(uri)
-    fs, path = storage.filesystem(uri)
+    uri = object_store.join(object_store.normalize(dataset_uri), partition_name(day))
+    object_store.delete(uri)
+    fs, path = object_store.filesystem(uri)
     fs.create_dir(path, recursive=True)
     pq.write_table(table, f"{path}/part-00000.parquet", filesystem=fs)
     return uri
@@ -149,8 +149,8 @@ def write_partition(table: pa.Table, dataset_uri: str, day: date) -> str:
 
 def write_file(table: pa.Table, uri: str) -> str:
     """One Parquet file at `uri` (local or S3), e.g. a dataset's `items.parquet`."""
-    uri = storage.normalize(uri)
-    fs, path = storage.filesystem(uri)
+    uri = object_store.normalize(uri)
+    fs, path = object_store.filesystem(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     pq.write_table(table, path, filesystem=fs)
     return uri

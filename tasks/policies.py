@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import load_bundle, read_split, save_bundle
 from tasks._memory import self_peak_mb
 from tasks.ray_runtime import ensure_ray, task_cpus
@@ -24,9 +24,9 @@ def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> d
 
     torch.set_num_threads(max(1, threads))
     config = GoalRankConfig.from_dict(config_dict)
-    bundle = load_bundle(storage.join(prepared, "vocab"), "policies: vocabulary")
+    bundle = load_bundle(object_store.join(prepared, "vocab"), "policies: vocabulary")
     bundle.config = config
-    train = encode(bundle, storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "policies: train split"))
+    train = encode(bundle, storage.read_table(object_store.join(prepared, "train"), IMPRESSIONS, "policies: train split"))
     valid_t = read_split(prepared, "valid", "policies: valid split")
     valid = encode(bundle, valid_t) if valid_t.num_rows else None
     lines: list[str] = []
@@ -36,7 +36,7 @@ def _fit_policies(prepared: str, out: str, config_dict: dict, threads: int) -> d
         print(f"[policies] {msg}", flush=True)
 
     fit_policies(bundle, train, valid, log)
-    saved = save_bundle(bundle, storage.join(out, "model"))
+    saved = save_bundle(bundle, object_store.join(out, "model"))
     return {"model": saved, "log": lines, "peak_rss_mb": self_peak_mb()}
 
 
@@ -49,7 +49,7 @@ def train_policies(prepared: str, out: str, config: GoalRankConfig) -> StageResu
     def body(out: str) -> dict:
         cpus = task_cpus()
         remote = ray.remote(num_cpus=cpus, max_retries=1)(_fit_policies)
-        res = ray.get(remote.remote(storage.normalize(prepared), out, config.to_dict(), int(max(1, cpus))))
+        res = ray.get(remote.remote(object_store.normalize(prepared), out, config.to_dict(), int(max(1, cpus))))
         return {"models": {"model": res["model"]}, "training": {"log": res["log"]},
                 "memory": {"policy_task_peak_rss_mb": round(res["peak_rss_mb"], 1)}}
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import DataValidationError, GoalRankInputError
 from goalrank_core.schemas import IMPRESSIONS, ITEMS, PROPENSITY_COLUMNS, conform, prepared_schema
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import save_bundle, write_dataset
 from tasks.ray_runtime import ensure_ray
 from tasks.storage import StageResult, run_stage
@@ -57,7 +57,7 @@ class DataSource:
             return {"dataset": str(dataset_dir(self.dataset, self.data_dir))}
         paths = {"impressions": self.impressions, "items": self.items}
         for p in self.partitions:
-            paths[f"partition:{p}"] = storage.join(self.impressions, p)
+            paths[f"partition:{p}"] = object_store.join(self.impressions, p)
         if self.partitions:
             paths.pop("impressions")
         return paths
@@ -102,7 +102,7 @@ def _read_impressions(source: DataSource, note: bool = True) -> pa.Table:
     import ray
     import ray.data
 
-    fs, path = storage.filesystem(source.impressions)
+    fs, path = object_store.filesystem(source.impressions)
     paths: str | list[str] = [f"{path}/{p}" for p in source.partitions] if source.partitions else path
     # Bad input must surface as the validator's one-line error (not retried, exit 2), not as
     # Ray's wrapper: Ray Data re-raises the UDF's own exception with this flag (a Dataset
@@ -148,7 +148,7 @@ def _read_items(uri: str | None) -> pa.Table | None:
         return None
     import pyarrow.parquet as pq
 
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     return conform(pq.read_table(path, filesystem=fs, partitioning=None), ITEMS, uri)
 
 
@@ -194,12 +194,12 @@ def prepare(source: DataSource, out: str, config: GoalRankConfig) -> StageResult
             # The propensities reach valid and test (off-policy estimates); train is the contract.
             schema = IMPRESSIONS if name == "train" else prepared_schema(table.column_names)
             ds = ray.data.from_arrow(table.select(schema.names))
-            rows = write_dataset(ds, storage.join(out, name), schema, f"prepare {name}")
+            rows = write_dataset(ds, object_store.join(out, name), schema, f"prepare {name}")
             tables[name] = storage.table_entry(schema, rows)
         items = splits.items if splits.items is not None else ITEMS.empty_table()
-        tables["items"] = storage.table_entry(ITEMS, storage.write_table(items, storage.join(out, "items"), ITEMS, "prepare items"))
+        tables["items"] = storage.table_entry(ITEMS, storage.write_table(items, object_store.join(out, "items"), ITEMS, "prepare items"))
         bundle = build_bundle(splits.train, config, splits.items)
-        vocab = save_bundle(bundle, storage.join(out, "vocab"))
+        vocab = save_bundle(bundle, object_store.join(out, "vocab"))
         vocab.update({"dims": dict(bundle.dims.__dict__)})
         extra = {"stats": splits.stats}
         if source.partitions:

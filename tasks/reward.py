@@ -30,7 +30,7 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError
 from goalrank_core.schemas import IMPRESSIONS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import load_bundle, read_split
 from tasks._train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray, task_cpus
@@ -67,11 +67,11 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, threads))
     cfg = GoalRankConfig.from_dict(config_dict)
-    bundle = load_bundle(storage.join(policies, "model"), "reward: policies", device())
+    bundle = load_bundle(object_store.join(policies, "model"), "reward: policies", device())
     sup = bundle.require("supervised")
     res = policy_resources(bundle)
     aux = build_auxiliary(res) + [res.extra["supervised"]]
-    train = storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "reward: train split")
+    train = storage.read_table(object_store.join(prepared, "train"), IMPRESSIONS, "reward: train split")
     props = proposer_lists(encode(bundle, train), aux, sup, cfg, seed=cfg.train.seed + 101)
     # Valid (complete) lists per request, for the log and the manifest.
     per_req = float((props.lists >= 0).all(-1).sum(1).mean()) if len(props.lists) else 0.0
@@ -105,7 +105,7 @@ class RewardSpec(TrainSpec):
     def setup(self, rank: int) -> torch.nn.Module:
         from goalrank_core.bundle import encode
 
-        self.bundle = load_bundle(storage.join(self.prepared, "vocab"), "reward: vocabulary")
+        self.bundle = load_bundle(object_store.join(self.prepared, "vocab"), "reward: vocabulary")
         self.bundle.config = self.config  # build what train_and_save will load the weights into
         self.valid, self.valid_props = None, None
         if rank == 0:
@@ -117,11 +117,11 @@ class RewardSpec(TrainSpec):
                 self.valid_props = self.valid_proposals[order].astype(np.int64)  # (V, G, L) in encode's order
         model = self.bundle.build("reward")
         if self.init is not None:  # warm start (flows/daily_ops.py): a bundle built on this vocabulary
-            model.load_state_dict(load_bundle(storage.join(self.init, "model"), "reward: init").require("reward").state_dict())
+            model.load_state_dict(load_bundle(object_store.join(self.init, "model"), "reward: init").require("reward").state_dict())
         elif self.policies is not None:  # as fit.train_reward: from the supervised generator when shapes match
             from goalrank_core.fit import init_reward
 
-            pol = load_bundle(storage.join(self.policies, "model"), "reward: policies")
+            pol = load_bundle(object_store.join(self.policies, "model"), "reward: policies")
             pol.config = self.config
             init_reward(model, pol, lambda msg: print(f"[reward] {msg}", flush=True) if rank == 0 else None)
         self.augment, self.k = model.cfg.labelled_lists  # k: proposer lists per request, as trainer.train_reward_model
@@ -179,13 +179,13 @@ def train_reward_model(prepared: str, policies: str | None, out: str, config: Go
     key, _ = stage_fingerprint("reward", config, inputs)
 
     def body(out: str) -> dict:
-        spec = RewardSpec(config.to_dict(), storage.normalize(prepared), storage.normalize(init) if init else None,
-                          storage.normalize(policies) if policies else None)
+        spec = RewardSpec(config.to_dict(), object_store.normalize(prepared), object_store.normalize(init) if init else None,
+                          object_store.normalize(policies) if policies else None)
         dataset, extra = None, {}
         if use_props:
             cpus = task_cpus()
             remote = ray.remote(num_cpus=cpus, max_retries=1)(_proposals)
-            res = ray.get(remote.remote(storage.normalize(prepared), storage.normalize(policies), config.to_dict(),
+            res = ray.get(remote.remote(object_store.normalize(prepared), object_store.normalize(policies), config.to_dict(),
                                         int(max(1, cpus))))
             spec.valid_proposals, spec.valid_ids = res["valid"], res["valid_ids"]
             train = res["train"]
@@ -195,8 +195,8 @@ def train_reward_model(prepared: str, policies: str | None, out: str, config: Go
                   f"{train.num_rows} train requests ({res['seconds']:.1f}s)", flush=True)
             extra = {"proposals": {"policies": res["names"], "lists_per_request": round(per_req, 2),
                                    "per_batch": config.reward.labelled_lists[1], "seconds": round(res["seconds"], 2)}}
-        manifest = train_and_save(spec, storage.join(prepared, "train"), out, "reward", key, config, "reward",
-                                  "reward", storage.join(prepared, "vocab"), max_failures, dataset=dataset)
+        manifest = train_and_save(spec, object_store.join(prepared, "train"), out, "reward", key, config, "reward",
+                                  "reward", object_store.join(prepared, "vocab"), max_failures, dataset=dataset)
         manifest["training"].update(extra)
         return manifest
 

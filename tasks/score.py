@@ -20,7 +20,7 @@ import torch
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
-from tasks import storage
+from tasks import object_store, storage
 from tasks._data import device, load_bundle, read_dataset, write_dataset
 from tasks._groups import RequestIndex, groups_to_positions, masked_lists
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
@@ -60,9 +60,9 @@ class Scorer:
     def __init__(self, prepared: str, reward_model: str, config_dict: dict):
         self.config = GoalRankConfig.from_dict(config_dict)
         self.dev = device()
-        self.bundle = load_bundle(storage.join(reward_model, "model"), "score: reward model", self.dev)
+        self.bundle = load_bundle(object_store.join(reward_model, "model"), "score: reward model", self.dev)
         self.reward = self.bundle.require("reward").eval()
-        self.requests = RequestIndex(storage.read_table(storage.join(prepared, "train"), IMPRESSIONS, "score: train split"),
+        self.requests = RequestIndex(storage.read_table(object_store.join(prepared, "train"), IMPRESSIONS, "score: train split"),
                                      "score")
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -94,20 +94,20 @@ def score(candidates: str, prepared: str, reward_model: str, out: str, config: G
         actors = pool_size()
         compute, res = actor_pool(actors)
         bs = config.train.batch_size
-        ds = read_dataset(storage.join(candidates, "groups"), "score: candidate groups")
+        ds = read_dataset(object_store.join(candidates, "groups"), "score: candidate groups")
         ds = ds.repartition(target_num_rows_per_block=bs)  # streaming: one batch per block
-        scored = ds.map_batches(Scorer, fn_constructor_args=(storage.normalize(prepared), storage.normalize(reward_model),
+        scored = ds.map_batches(Scorer, fn_constructor_args=(object_store.normalize(prepared), object_store.normalize(reward_model),
                                                              config.to_dict()),
                                 batch_size=bs, batch_format="pyarrow", zero_copy_batch=True, compute=compute, **res)
         ops: dict[str, dict] = {}
-        rows = write_dataset(scored, storage.join(out, "groups"), SCORED_GROUPS, "scored groups", stats=ops,
+        rows = write_dataset(scored, object_store.join(out, "groups"), SCORED_GROUPS, "scored groups", stats=ops,
                              min_rows_per_file=_ROWS_PER_FILE)
         # The loop's diagnostics (who fills the groups, who pi_ref learns from), for the log and MLflow.
         from goalrank_core.diagnostics import group_summary_table
 
         import pyarrow.parquet as pq
 
-        fs, path = storage.filesystem(storage.join(out, "groups"))  # the manifest is not written yet
+        fs, path = object_store.filesystem(object_store.join(out, "groups"))  # the manifest is not written yet
         written = pq.read_table(path, filesystem=fs, columns=["policies", "rewards", "pi_ref"])
         return {"tables": {"groups": storage.table_entry(SCORED_GROUPS, rows)},
                 "extra": {"actor_timing": actor_timing(ops, actors, rows, t0),

@@ -83,7 +83,7 @@ def test_window_new_partition_and_warm_start(daily):
     from mlflow import MlflowClient
 
     from tasks._data import load_bundle
-    from tasks.storage import join
+    from tasks.object_store import join
 
     client = MlflowClient(daily["tracking_uri"])
     first = _run(daily, "2023-11-19")

@@ -59,7 +59,7 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
 
     from flows import daily_ops
     from goalrank_core.schemas import OPE
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks._data import read_split
 
     d = first["decision"]
@@ -69,7 +69,7 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     prepare = next(s["uri"] for s in first["stages"] if s["stage"] == "prepare")
     assert "log_propensity" in read_split(prepare, "valid", "valid", propensities=True).column_names
     evaluate = next(s["uri"] for s in first["stages"] if s["stage"] == "evaluate")
-    ope = storage.read_table(storage.join(evaluate, "ope"), OPE, "ope").to_pylist()
+    ope = storage.read_table(object_store.join(evaluate, "ope"), OPE, "ope").to_pylist()
     mine = {(r["split"], r["estimator"]): r for r in ope if r["policy"] == "goalrank"}
     assert set(mine) == {(s, e) for s in ("valid", "test") for e in ("ips", "snips", "pi", "snpi")}
     assert mine[("valid", "snips")]["value"] == d["challenger_value"]

@@ -59,7 +59,7 @@ def inputs(tmp_path_factory, ray_session):
     enough for train_generator."""
     from goalrank_core.config import GoalRankConfig
     from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks.stages import DataSource, prepare, stage_uri
     from tasks.storage import run_stage, table_entry
 
@@ -68,7 +68,7 @@ def inputs(tmp_path_factory, ray_session):
     cfg = GoalRankConfig().override({**TINY_OVERRIDES, "train.epochs": EPOCHS})
     prep = prepare(DataSource(impressions=str(imp), items=str(items)), stage_uri(str(root / "s"), "d", "r", "prepare"),
                    cfg)
-    train = storage.read_table(storage.join(prep.uri, "train"), IMPRESSIONS, "train")
+    train = storage.read_table(object_store.join(prep.uri, "train"), IMPRESSIONS, "train")
     rng = np.random.default_rng(0)
     rows = []
     for rid, cand in zip(train.column("request_id").to_pylist(), train.column("candidates").to_pylist()):
@@ -80,7 +80,7 @@ def inputs(tmp_path_factory, ray_session):
     groups = pa.Table.from_pylist(rows, schema=SCORED_GROUPS)
 
     def body(out: str) -> dict:
-        rows = storage.write_table(groups, storage.join(out, "groups"), SCORED_GROUPS, "scored")
+        rows = storage.write_table(groups, object_store.join(out, "groups"), SCORED_GROUPS, "scored")
         return {"tables": {"groups": table_entry(SCORED_GROUPS, rows)}}
 
     scored = run_stage(stage_uri(str(root / "s"), "d", "r", "scored"), "score", cfg, {"prepared": prep.uri}, body)

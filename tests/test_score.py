@@ -148,7 +148,7 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     """Many small batches over 2 actors (the input is cut into blocks, so both get work); the
     rows are `score_batch`'s in input order (whichever actor finished first: the next stage's
     batches, and so a flow's results, depend on it), and the manifest keeps the actors' timing."""
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks._data import save_bundle
     from tasks.ray_runtime import pool_size
     from tasks.score import score, score_batch
@@ -157,14 +157,14 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     cfg, bundle, groups, train = world["cfg"], world["bundle"], world["groups"], world["train"]
     u = lambda s: stage_uri(str(tmp_path), "d", "r", s)  # noqa: E731
     def prep_body(out):
-        rows = storage.write_table(train, storage.join(out, "train"), IMPRESSIONS, "train")
+        rows = storage.write_table(train, object_store.join(out, "train"), IMPRESSIONS, "train")
         return {"tables": {"train": storage.table_entry(IMPRESSIONS, rows)}}
 
     def reward_body(out):
-        return {"models": {"model": save_bundle(bundle, storage.join(out, "model"))}}
+        return {"models": {"model": save_bundle(bundle, object_store.join(out, "model"))}}
 
     def cand_body(out):
-        rows = storage.write_table(groups, storage.join(out, "groups"), CANDIDATE_GROUPS, "groups")
+        rows = storage.write_table(groups, object_store.join(out, "groups"), CANDIDATE_GROUPS, "groups")
         return {"tables": {"groups": storage.table_entry(CANDIDATE_GROUPS, rows)}}
 
     prep = storage.run_stage(u("prepare"), "prepare", cfg, {}, prep_body).uri
@@ -173,7 +173,7 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     monkeypatch.setenv("GOALRANK_DATA_ACTORS", "2")
     assert pool_size() == 2
     res = score(cand, prep, rew, u("score"), cfg)
-    got = storage.read_table(storage.join(res.uri, "groups"), SCORED_GROUPS, "scored")
+    got = storage.read_table(object_store.join(res.uri, "groups"), SCORED_GROUPS, "scored")
     want = score_batch(bundle, bundle.require("reward"), RequestIndex(train, "test"), groups, cfg)
     assert got.num_rows == groups.num_rows
     assert got.column("request_id").to_pylist() == groups.column("request_id").to_pylist()
@@ -185,7 +185,7 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     assert timing["actors"] == 2 and timing["groups"] == groups.num_rows
     assert 0 < timing["busy_s"] <= res.manifest["wall_s"]
     assert 0 <= timing["first_batch_at_s"] < timing["last_batch_end_s"] <= res.manifest["wall_s"]
-    assert len([f for f in storage.list_files(storage.join(res.uri, "groups")) if f.endswith(".parquet")]) == 1
+    assert len([f for f in object_store.list_files(object_store.join(res.uri, "groups")) if f.endswith(".parquet")]) == 1
 
 
 def test_worker_env_sets_malloc_unless_turned_off_or_already_set(monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.schemas import CANDIDATE_GROUPS, IMPRESSIONS, METRICS, RANKED, SCORED_GROUPS
-from tasks import storage
+from tasks import object_store, storage
 from tasks.stages import (DataSource, evaluate, generate_candidates, prepare, score, stage_uri, train_generator,
                           train_policies, train_reward_model)
 
@@ -50,9 +50,9 @@ def run_chain(root: str, config: GoalRankConfig) -> dict:
 
 def check_outputs(r: dict) -> None:
     p = r["prepare"].uri
-    train = storage.read_table(storage.join(p, "train"), IMPRESSIONS, "train")
+    train = storage.read_table(object_store.join(p, "train"), IMPRESSIONS, "train")
     assert train.num_rows == r["prepare"].manifest["tables"]["train"]["rows"] > 100
-    groups = storage.read_table(storage.join(r["candidates"].uri, "groups"), CANDIDATE_GROUPS, "groups")
+    groups = storage.read_table(object_store.join(r["candidates"].uri, "groups"), CANDIDATE_GROUPS, "groups")
     assert sorted(groups.column("request_id").to_pylist()) == sorted(train.column("request_id").to_pylist())
     sizes = [len(g) for g in groups.column("lists").to_pylist()]
     assert 2 <= min(sizes) and max(sizes) <= 16
@@ -62,10 +62,10 @@ def check_outputs(r: dict) -> None:
         assert len({tuple(lst) for lst in lists}) == len(lists)  # deduplicated
     policies = {p for row in groups.column("policies").to_pylist() for p in row}
     assert {"goalrank", "supervised", "popularity"} <= policies
-    second = storage.read_table(storage.join(r["candidates2"].uri, "groups"), CANDIDATE_GROUPS, "groups 2")
+    second = storage.read_table(object_store.join(r["candidates2"].uri, "groups"), CANDIDATE_GROUPS, "groups 2")
     assert second.column("lists").to_pylist() != groups.column("lists").to_pylist()  # the new generator samples
 
-    scored = storage.read_table(storage.join(r["score"].uri, "groups"), SCORED_GROUPS, "scored")
+    scored = storage.read_table(object_store.join(r["score"].uri, "groups"), SCORED_GROUPS, "scored")
     for lists, rew, pi in zip(*(scored.column(c).to_pylist() for c in ("lists", "rewards", "pi_ref"))):
         assert len(lists) == len(rew) == len(pi)
         # reward = DCG-weighted click probabilities over L=6 positions: in [0, sum 1/log2(k+2)]
@@ -78,14 +78,14 @@ def check_outputs(r: dict) -> None:
         assert r[stage].manifest["memory"]["train_workers_peak_rss_mb"] > 100
 
     ev = r["evaluate"]
-    metrics = storage.read_table(storage.join(ev.uri, "metrics"), METRICS, "metrics")
+    metrics = storage.read_table(object_store.join(ev.uri, "metrics"), METRICS, "metrics")
     pols = set(metrics.column("policy").to_pylist())
     assert {"goalrank", "supervised", "g-e", "dnn", "prm", "popularity", "random"} <= pols
     assert set(metrics.column("split").to_pylist()) == {"valid", "test"}
     vals = np.array(metrics.column("value").to_pylist())
     assert np.all((vals >= 0) & (vals <= 1))
-    test = storage.read_table(storage.join(p, "test"), IMPRESSIONS, "test")
-    ranked = storage.read_table(storage.join(ev.uri, "ranked/test/goalrank"), RANKED, "ranked")
+    test = storage.read_table(object_store.join(p, "test"), IMPRESSIONS, "test")
+    ranked = storage.read_table(object_store.join(ev.uri, "ranked/test/goalrank"), RANKED, "ranked")
     assert sorted(ranked.column("request_id").to_pylist()) == sorted(test.column("request_id").to_pylist())
     for res in r.values():
         m = res.manifest
@@ -129,13 +129,13 @@ def test_prepare_reruns_skip_and_stage_folders_need_manifests(ray_session, tmp_p
     first = prepare(DataSource(dataset="ml-100k", data_dir=DATA_DIR), out, cfg)
     assert not first.skipped and first.manifest["tables"]["valid"]["rows"] == 40
     assert prepare(DataSource(dataset="ml-100k", data_dir=DATA_DIR), out, cfg).skipped
-    before = storage.read_table(storage.join(out, "train"), IMPRESSIONS, "train")
-    storage.delete(storage.manifest_uri(out))  # as if the run died before the manifest landed
-    with pytest.raises(storage.StorageError):
+    before = storage.read_table(object_store.join(out, "train"), IMPRESSIONS, "train")
+    object_store.delete(storage.manifest_uri(out))  # as if the run died before the manifest landed
+    with pytest.raises(object_store.StorageError):
         train_policies(out, stage_uri(str(tmp_path), "ml-100k", "r", "policies"), cfg)
     again = prepare(DataSource(dataset="ml-100k", data_dir=DATA_DIR), out, cfg)
     assert not again.skipped
-    assert storage.read_table(storage.join(out, "train"), IMPRESSIONS, "train").equals(before)  # deterministic
+    assert storage.read_table(object_store.join(out, "train"), IMPRESSIONS, "train").equals(before)  # deterministic
 
 
 @pytest.mark.ray
@@ -218,18 +218,18 @@ def test_every_stage_on_local_disk_with_2_ddp_workers(ray_session, tmp_path):
     again = run_chain(root, cfg)
     assert all(res.skipped for res in again.values())
     # A stage folder that lost its manifest is cleared and redone, with the same output.
-    scored = storage.join(r["score"].uri, "groups")
+    scored = object_store.join(r["score"].uri, "groups")
     before = storage.read_table(scored, SCORED_GROUPS, "scored")
-    storage.delete(storage.manifest_uri(r["score"].uri))
-    storage.write_bytes(storage.join(r["score"].uri, "groups", "part-stale.parquet"), b"half-written")
+    object_store.delete(storage.manifest_uri(r["score"].uri))
+    object_store.write_bytes(object_store.join(r["score"].uri, "groups", "part-stale.parquet"), b"half-written")
     redo = score(r["candidates"].uri, r["prepare"].uri, r["reward"].uri, r["score"].uri, cfg)
     assert not redo.skipped
-    assert "groups/part-stale.parquet" not in storage.list_files(r["score"].uri)
+    assert "groups/part-stale.parquet" not in object_store.list_files(r["score"].uri)
     after = storage.read_table(scored, SCORED_GROUPS, "scored")
     key = lambda t: t.sort_by("request_id")  # noqa: E731
     assert key(after).equals(key(before))
     # Checkpoints are dropped once the model is in the stage folder.
-    assert not storage.list_files(storage.join(root, "ml-100k", "run1", "_checkpoints"))
+    assert not object_store.list_files(object_store.join(root, "ml-100k", "run1", "_checkpoints"))
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
     from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources
     from goalrank_core.trainer import mean_reward_loss
-    from tasks import storage
+    from tasks import object_store, storage
     from tasks._data import load_bundle
     from tasks.reward import PROPOSALS, _proposals
 
@@ -69,11 +69,11 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
     assert len(epochs) == 2 and epochs[-1]["loss"] < epochs[0]["loss"], epochs
 
     # What the in-process fit computes (fit.train_reward), on the policies stage's bundle.
-    bundle = load_bundle(storage.join(pol.uri, "model"), "policies")
+    bundle = load_bundle(object_store.join(pol.uri, "model"), "policies")
     res = policy_resources(bundle)
     aux = build_auxiliary(res) + [res.extra["supervised"]]
-    train_t = storage.read_table(storage.join(prep.uri, "train"), None, "train")
-    valid_t = storage.read_table(storage.join(prep.uri, "valid"), None, "valid")
+    train_t = storage.read_table(object_store.join(prep.uri, "train"), None, "train")
+    valid_t = storage.read_table(object_store.join(prep.uri, "valid"), None, "valid")
     want = proposer_lists(encode(bundle, train_t), aux, bundle.models["supervised"], cfg, seed=cfg.train.seed + 101)
     valid = encode(bundle, valid_t)
     want_v = proposer_lists(valid, aux, bundle.models["supervised"], cfg, seed=cfg.train.seed + 102)
@@ -83,7 +83,7 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
     assert np.array_equal(got["valid"], want_v.lists) and got["valid_ids"] == list(valid.request_id)
 
     # best_valid is trainer.mean_reward_loss on the valid proposals, of the saved (best) model.
-    model = load_bundle(storage.join(rew.uri, "model"), "reward").require("reward")
+    model = load_bundle(object_store.join(rew.uri, "model"), "reward").require("reward")
     with_props = mean_reward_loss(model, valid, 4 * cfg.train.batch_size, want_v.lists)
     logged_only = mean_reward_loss(model, valid, 4 * cfg.train.batch_size)
     assert m["training"]["best_valid"] == pytest.approx(with_props, rel=1e-5)
@@ -97,13 +97,13 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
     from goalrank_core.bundle import encode
     from goalrank_core.reward_model import request_folds
     from goalrank_core.trainer import pick_lists, reward_loss
-    from tasks import storage
+    from tasks import object_store
     from tasks.reward import PROPOSALS, RewardSpec, _proposals
 
     cfg, prep, pol = stages["cfg"], stages["prepare"], stages["policies"]
     table = _proposals(prep.uri, pol.uri, cfg.to_dict(), 1)["train"].take([5, 1, 17, 3])
     cfg = cfg.override({"reward.list_weight": 0.5})  # the list term on, so the worker must pass it
-    spec = RewardSpec(cfg.to_dict(), storage.normalize(prep.uri))
+    spec = RewardSpec(cfg.to_dict(), object_store.normalize(prep.uri))
     torch.manual_seed(0)
     model = spec.setup(rank=1).eval()  # not rank 0: no validation data; eval: no dropout draws
     assert spec.k == cfg.reward.group_lists == 2 and spec.list_weight == 0.5
@@ -123,31 +123,31 @@ def test_reward_worker_batch_loss_is_the_core_loss(stages):
 @pytest.mark.slow  # one more DDP run (~20 s quiet, ~50 s loaded); the daily_ops flow test covers warm starts too
 @pytest.mark.ray
 def test_reward_stage_reruns_skip_and_warm_start_from_init(stages):
-    from tasks import storage
+    from tasks import object_store
     from tasks.stages import train_reward_model
 
     cfg, prep, pol, rew, u = stages["cfg"], stages["prepare"], stages["policies"], stages["reward"], stages["u"]
     assert train_reward_model(prep.uri, pol.uri, rew.uri, cfg).skipped
     warm_cfg = cfg.override({"train.reward_epochs": 1})
     warm = train_reward_model(prep.uri, pol.uri, u("reward-warm"), warm_cfg, init=rew.uri)
-    assert not warm.skipped and warm.manifest["inputs"]["init"]["uri"] == storage.normalize(rew.uri)
-    assert warm.manifest["inputs"]["policies"]["uri"] == storage.normalize(pol.uri)
+    assert not warm.skipped and warm.manifest["inputs"]["init"]["uri"] == object_store.normalize(rew.uri)
+    assert warm.manifest["inputs"]["policies"]["uri"] == object_store.normalize(pol.uri)
     # Starting from trained weights: the first warm epoch's loss is below the cold first epoch's.
     assert warm.manifest["training"]["epochs"][0]["loss"] < rew.manifest["training"]["epochs"][0]["loss"]
 
 
 @pytest.mark.ray
 def test_reward_worker_starts_from_the_supervised_generator_as_fit_does(stages):
-    from tasks import storage
+    from tasks import object_store
     from tasks._data import load_bundle
     from tasks.reward import RewardSpec
 
     prep, pol = stages["prepare"], stages["policies"]
-    sup = load_bundle(storage.join(pol.uri, "model"), "policies").require("supervised")
+    sup = load_bundle(object_store.join(pol.uri, "model"), "policies").require("supervised")
     for ctx, expect in ((1, True), (2, False)):  # fit.init_reward: only when the encoder shapes match
         cfg = stages["cfg"].override({"reward.context_layers": ctx, "reward.init_from_supervised": True,
                                       "reward.folds": 1})  # one model, so its embeddings are the start's
-        model = RewardSpec(cfg.to_dict(), storage.normalize(prep.uri), policies=storage.normalize(pol.uri)).setup(1)
+        model = RewardSpec(cfg.to_dict(), object_store.normalize(prep.uri), policies=object_store.normalize(pol.uri)).setup(1)
         got = model.embed.state_dict()
         same = all(torch.equal(v, got[k]) for k, v in sup.embed.state_dict().items())
         assert same == expect, ctx

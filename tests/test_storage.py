@@ -11,8 +11,9 @@ import pytest
 
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import RANKED, SchemaError
-from tasks import storage
-from tasks.storage import StorageError, run_stage, stage_uri
+from tasks import object_store, storage
+from tasks.object_store import StorageError
+from tasks.storage import run_stage, stage_uri
 
 
 def _ranked(n: int = 5) -> pa.Table:
@@ -30,7 +31,7 @@ def _writer(table: pa.Table, seen: dict | None = None):
     def body(out: str) -> dict:
         if seen is not None:  # the manifest must not exist while the stage writes
             seen["manifest_during_body"] = storage.read_manifest(out)
-        rows = storage.write_table(table, storage.join(out, "ranked"), RANKED, "test ranked")
+        rows = storage.write_table(table, object_store.join(out, "ranked"), RANKED, "test ranked")
         return {"tables": {"ranked": storage.table_entry(RANKED, rows)}}
 
     return body
@@ -56,16 +57,16 @@ def test_stage_uri_layout_and_bad_names(tmp_path):
 
 def test_uris_with_credentials_or_other_schemes_are_refused():
     with pytest.raises(StorageError, match="credentials"):
-        storage.filesystem("s3://KEY:SECRET@bucket/prefix")
+        object_store.filesystem("s3://KEY:SECRET@bucket/prefix")
     with pytest.raises(StorageError, match="not supported"):
-        storage.filesystem("gs://bucket/prefix")
+        object_store.filesystem("gs://bucket/prefix")
 
 
 def test_s3_filesystem_follows_the_endpoint_variable(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    fs, path = storage.filesystem("s3://bucket/a/b/")
+    fs, path = object_store.filesystem("s3://bucket/a/b/")
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/a/b"
     opts = fs.__reduce__()[1][0]  # the options the filesystem was built with
     assert opts["endpoint_override"] == "127.0.0.1:9" and opts["scheme"] == "http"
@@ -75,21 +76,21 @@ def test_s3_filesystem_follows_the_endpoint_variable(monkeypatch):
 def test_table_round_trip_and_manifest_gate(root):
     out = stage_uri(root, "ds", "run", "stage")
     res = run_stage(out, "stage", GoalRankConfig(), {}, _writer(_ranked()))
-    got = storage.read_table(storage.join(out, "ranked"), RANKED, "ranked")
+    got = storage.read_table(object_store.join(out, "ranked"), RANKED, "ranked")
     assert got.equals(_ranked().cast(RANKED))
     assert res.manifest["tables"]["ranked"]["rows"] == 5 and not res.skipped
     # Without the manifest the same bytes are refused.
-    storage.delete(storage.manifest_uri(out))
+    object_store.delete(storage.manifest_uri(out))
     with pytest.raises(StorageError, match="no _manifest.json"):
-        storage.read_table(storage.join(out, "ranked"), RANKED, "ranked")
+        storage.read_table(object_store.join(out, "ranked"), RANKED, "ranked")
 
 
 def test_read_refuses_a_table_the_manifest_does_not_list(tmp_path):
     out = stage_uri(str(tmp_path), "ds", "run", "stage")
     run_stage(out, "stage", GoalRankConfig(), {}, _writer(_ranked()))
-    storage.write_table(_ranked(2), storage.join(out, "stray"), RANKED, "stray")
+    storage.write_table(_ranked(2), object_store.join(out, "stray"), RANKED, "stray")
     with pytest.raises(StorageError, match="not a table of the stage"):
-        storage.read_table(storage.join(out, "stray"), RANKED, "stray")
+        storage.read_table(object_store.join(out, "stray"), RANKED, "stray")
 
 
 def test_read_checks_the_contract_of_the_table_and_of_a_column_subset(tmp_path):
@@ -104,7 +105,7 @@ def test_read_checks_the_contract_of_the_table_and_of_a_column_subset(tmp_path):
     part = next((tmp_path / "ds" / "run" / "stage" / "ranked").glob("*.parquet"))
     t = pq.read_table(part)
     pq.write_table(t.set_column(1, "ranked", pa.array([str(v) for v in t.column("ranked").to_pylist()])), part)
-    uri = storage.join(out, "ranked")
+    uri = object_store.join(out, "ranked")
     with pytest.raises(SchemaError, match="column 'ranked' has type string"):
         storage.read_table(uri, RANKED, "ranked")
     with pytest.raises(SchemaError, match="column 'ranked' has type string"):
@@ -117,7 +118,7 @@ def test_write_table_validates_before_writing(tmp_path):
     target = str(tmp_path / "x" / "ranked")
     with pytest.raises(SchemaError, match="unexpected column.*score"):
         storage.write_table(bad, target, RANKED, "bad ranked")
-    assert not storage.exists(target)
+    assert not object_store.exists(target)
 
 
 def test_manifest_is_written_last_and_holds_provenance(tmp_path):
@@ -165,12 +166,12 @@ def test_upstream_redo_invalidates_downstream(tmp_path):
 def test_folder_without_manifest_is_cleared_and_redone(root):
     out = stage_uri(root, "ds", "run", "stage")
     # An interrupted earlier attempt: parts written, no manifest.
-    storage.write_table(_ranked(3), storage.join(out, "ranked"), RANKED, "partial")
-    storage.write_bytes(storage.join(out, "leftover.bin"), b"junk")
+    storage.write_table(_ranked(3), object_store.join(out, "ranked"), RANKED, "partial")
+    object_store.write_bytes(object_store.join(out, "leftover.bin"), b"junk")
     res = run_stage(out, "stage", GoalRankConfig(), {}, _writer(_ranked(5)))
     assert not res.skipped
-    assert storage.read_table(storage.join(out, "ranked"), RANKED, "ranked").num_rows == 5
-    assert "leftover.bin" not in storage.list_files(out)
+    assert storage.read_table(object_store.join(out, "ranked"), RANKED, "ranked").num_rows == 5
+    assert "leftover.bin" not in object_store.list_files(out)
 
 
 def test_failing_body_leaves_no_manifest(tmp_path):
@@ -178,14 +179,14 @@ def test_failing_body_leaves_no_manifest(tmp_path):
     run_stage(out, "stage", GoalRankConfig(), {}, _writer(_ranked()))
 
     def crash(o):
-        storage.write_table(_ranked(1), storage.join(o, "ranked"), RANKED, "half")
+        storage.write_table(_ranked(1), object_store.join(o, "ranked"), RANKED, "half")
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
         run_stage(out, "stage", GoalRankConfig().override({"train.seed": 1}), {}, crash)
     assert storage.read_manifest(out) is None  # the old manifest went first
     with pytest.raises(StorageError):
-        storage.read_table(storage.join(out, "ranked"), RANKED, "ranked")
+        storage.read_table(object_store.join(out, "ranked"), RANKED, "ranked")
 
 
 def test_model_folder_round_trip(root, tmp_path):
@@ -193,10 +194,10 @@ def test_model_folder_round_trip(root, tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "weights.bin").write_bytes(bytes(range(256)) * 10)
     (src / "sub" / "config.json").write_text(json.dumps({"d": 4}))
-    uri = storage.join(root, "models", "m1")
-    storage.upload_dir(src, uri)
-    assert storage.list_files(uri) == ["sub/config.json", "weights.bin"]
-    back = storage.download_dir(uri, tmp_path / "back")
+    uri = object_store.join(root, "models", "m1")
+    object_store.upload_dir(src, uri)
+    assert object_store.list_files(uri) == ["sub/config.json", "weights.bin"]
+    back = object_store.download_dir(uri, tmp_path / "back")
     assert (back / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
     assert json.loads((back / "sub" / "config.json").read_text()) == {"d": 4}
 
@@ -234,17 +235,17 @@ def test_write_dataset_keeps_input_order_across_actors_and_in_each_part(ray_sess
             return batch
 
     root = str(tmp_path) if where == "local" else s3_storage
-    uri = storage.join(root, "ordered")
+    uri = object_store.join(root, "ordered")
     schema = pa.schema([pa.field("x", pa.int64(), nullable=False)])
-    storage.write_table(pa.table({"x": pa.array([-1], pa.int64())}, schema=schema), storage.join(uri, "stale"),
+    storage.write_table(pa.table({"x": pa.array([-1], pa.int64())}, schema=schema), object_store.join(uri, "stale"),
                         schema, "stale")
     ds = ray.data.from_arrow(pa.table({"x": pa.array(range(6000), pa.int64())})).repartition(60)
     ds = ds.map_batches(Jitter, batch_size=100, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=2),
                         num_cpus=0.5)
     assert write_dataset(ds, uri, schema, "ordered", min_rows_per_file=2500) == 6000
-    files = sorted(f for f in storage.list_files(uri) if f.endswith(".parquet"))
+    files = sorted(f for f in object_store.list_files(uri) if f.endswith(".parquet"))
     assert len(files) >= 2 and all(f.startswith("part-") for f in files)  # no stale part left
-    fs, path = storage.filesystem(uri)
+    fs, path = object_store.filesystem(uri)
     parts = [pq.read_table(f"{path}/{f}", filesystem=fs) for f in files]  # in name order, as readers list them
     assert pa.concat_tables(parts).column("x").to_pylist() == list(range(6000))
 

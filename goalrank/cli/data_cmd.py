@@ -139,14 +139,14 @@ def _synth_days(args: argparse.Namespace) -> int:
     from goalrank_core.errors import ConfigError
     from goalrank_core.partitions import parse_date, partition_name
     from goalrank_core.replay import SYNTH_START, synth_day
-    from tasks import storage
+    from tasks import object_store
     from tasks.partitions import write_file, write_partition
 
     days = 1 if args.days is None else args.days
     if days < 1:
         raise ConfigError(f"--days must be >= 1, got {days}")
     start = parse_date(args.start, "--start") if args.start else SYNTH_START
-    dataset = storage.join(storage.normalize(args.out), "impressions")
+    dataset = object_store.join(object_store.normalize(args.out), "impressions")
     total, items = 0, None
     for i in range(days):
         day = start + timedelta(days=i)
@@ -154,7 +154,7 @@ def _synth_days(args: argparse.Namespace) -> int:
                                n_categories=args.categories, seed=args.seed)
         write_partition(imp, dataset, day)
         total += imp.num_rows
-    write_file(items, storage.join(storage.normalize(args.out), "items.parquet"))
+    write_file(items, object_store.join(object_store.normalize(args.out), "items.parquet"))
     last = start + timedelta(days=days - 1)
     print(f"wrote {dataset}/{partition_name(start)} .. {partition_name(last)} ({days} partition(s), {total} requests) "
           f"and {args.out}/items.parquet ({items.num_rows} items)")
@@ -166,7 +166,7 @@ def _replay(args: argparse.Namespace) -> int:
     from goalrank_core.partitions import by_day, parse_date, partition_name, spread_over_days
     from goalrank_core.replay import SYNTH_START, replay_splits
     from goalrank_core.schemas import ITEMS
-    from tasks import storage
+    from tasks import object_store
     from tasks.partitions import write_file, write_partition
 
     config = load_config(args.config)
@@ -176,13 +176,13 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"{args.dataset} has no timestamps: spreading each user's requests, in the protocol's synthetic order, "
               f"over {args.days} days from {start.isoformat()}")
         table = spread_over_days(table, args.days, start)
-    out = storage.normalize(args.out)
-    dataset = storage.join(out, "impressions")
+    out = object_store.normalize(args.out)
+    dataset = object_store.join(out, "impressions")
     days = by_day(table)
     for day, part in days.items():
         write_partition(part, dataset, day)
     if items is not None:
-        write_file(items.cast(ITEMS), storage.join(out, "items.parquet"))
+        write_file(items.cast(ITEMS), object_store.join(out, "items.parquet"))
     first, last = min(days), max(days)
     print(f"wrote {dataset}/{partition_name(first)} .. {partition_name(last)} ({len(days)} partition(s), "
           f"{table.num_rows} requests){' and ' + out + '/items.parquet' if items is not None else ''}")
