@@ -64,7 +64,7 @@ def done(label: str, detail: str = "", wall_s: float | None = None) -> None:
 
 
 def stage_detail(summary: dict[str, Any]) -> str:
-    """`13526 rows, peak 1.2 GB` from a stage summary (flows.daily._summary); `skipped` when
+    """`13526 rows, peak 1.2 GB` from a stage summary (flows.stage_tasks.stage_summary); `skipped` when
     a manifest from an earlier run matched."""
     if summary.get("skipped"):
         return "skipped (complete earlier)"

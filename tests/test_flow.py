@@ -51,7 +51,7 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
     from mlflow import MlflowClient
 
     client = MlflowClient(world["tracking_uri"])
-    from flows.daily import format_summary
+    from flows.report import format_stages, format_summary
 
     first = day_one
     assert first["registered_version"] == "1" and first["newly_registered"]
@@ -64,9 +64,11 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
     policies = {r["policy"] for r in first["metrics"]}
     assert "goalrank" in policies and len(policies) > 1  # GoalRank against baselines
     assert all(0.0 <= r["value"] <= 1.0 for r in first["metrics"])
-    # The end-of-run report (the flow prints it): metrics table, stages, version, decision.
+    # The end-of-run report on the console: metrics tables, version, decision; the per-stage
+    # table goes to the log only (each stage's progress line already has its numbers).
     report = format_summary(first)
-    assert "valid metrics" in report and "train_generator r1" in report
+    assert "valid metrics" in report and "test metrics" in report and "train_generator r1" not in report
+    assert "train_generator r1" in format_stages(first["stages"])
     assert "registered: goalrank-flow version 1" in report and "PROMOTED" in report
 
     # MLflow: params, per-epoch metrics, stage timings, plots, evaluation table, the model.
@@ -123,7 +125,7 @@ def test_bad_config_fails_before_any_stage(world):
 
 
 def test_transient_failures_are_retried_and_validation_errors_are_not():
-    from flows.daily import is_transient
+    from flows.retry import is_transient
     from goalrank_core.errors import DataValidationError
 
     assert is_transient(ConnectionResetError("peer reset"))

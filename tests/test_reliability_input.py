@@ -183,7 +183,7 @@ def test_prepare_stage_on_bad_input_writes_nothing(ray_session, tmp_path, case):
     """The flow's own path (a scheduled run, S3 input): the prepare stage validates on the Ray
     workers, fails with the validator's error (not retried: not transient) and leaves no
     folder at all in storage."""
-    from flows.daily import is_transient
+    from flows.retry import is_transient
     from goalrank_core.errors import GoalRankInputError
     from gr_helpers import tiny_config
     from tasks.stages import DataSource, prepare, stage_uri

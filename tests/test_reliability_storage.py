@@ -134,7 +134,7 @@ def test_outage_mid_stage_is_retried_and_the_partial_stage_is_redone(prefect_har
                                                                        layer, attempts, outage_s):
     from prefect import flow
 
-    from flows.daily import prepare_task
+    from flows.stage_tasks import prepare_task
     from goalrank_core.config import GoalRankConfig
     from tasks.stages import stage_uri
 
@@ -174,7 +174,7 @@ def _check(state, proxy, during, out, layer, t0, capfd, caplog) -> None:
     from prefect.client.orchestration import get_client
 
     from goalrank_core.schemas import IMPRESSIONS
-    from tasks import object_store, storage
+    from tasks import storage
 
     assert state.is_completed(), state
     summary = state.result()
@@ -200,5 +200,5 @@ def _check(state, proxy, during, out, layer, t0, capfd, caplog) -> None:
     manifest = storage.read_manifest(out)
     assert manifest is not None and manifest["fingerprint"] == summary["manifest"]["fingerprint"]
     for split in ("train", "valid", "test"):
-        t = storage.read_table(object_store.join(out, split), IMPRESSIONS, split)
+        t = storage.read_table(storage.join(out, split), IMPRESSIONS, split)
         assert t.num_rows == manifest["tables"][split]["rows"] > 0

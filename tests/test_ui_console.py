@@ -19,6 +19,9 @@ def test_worker_lines_reach_the_terminal_only_when_alarming_and_not_known_harmle
     assert not worker_line_to_console("\x1b[36m(PlacementGroupCleaner pid=1063)\x1b[0m ConnectionError: Found "
                                       "multiple active Ray instances")
     assert not worker_line_to_console("21:52:49 | WARNING | prefect - not a worker line")
+    assert is_harmless("WARNING ray.data: Warning: The Ray cluster currently does not have any available CPUs. "
+                       "The Dataset job will hang unless more CPUs are freed up.")
+    assert not is_harmless("WARNING ray.data: Warning: something else about CPUs")
     assert is_harmless("UserWarning: Add type hints to the `predict` method to enable data validation")
 
 
@@ -63,3 +66,25 @@ def test_progress_lines_count_stages_and_show_skips(capsys):
     assert lines[0].startswith("[1/3] prepare") and "9.3 s" in lines[0] and "42 rows, peak 2.0 GB" in lines[0]
     assert lines[1].startswith("[2/3] train_policies") and "skipped (complete earlier)" in lines[1]
     assert "(elapsed 0:0" in lines[1]
+
+
+def _decision(**kw):
+    d = {"promoted": True, "metric": "ndcg@6", "challenger_value": 0.5014, "champion_version": None,
+         "champion_value": None, "reason": "no champion yet"}
+    return {**d, **kw}
+
+
+def test_decision_line_names_the_champion_only_when_there_is_one_and_shows_ope_intervals():
+    from flows.report import format_decision
+
+    assert format_decision(_decision()) == "decision: PROMOTED to champion: ndcg@6 challenger 0.5014; no champion yet"
+    line = format_decision(_decision(promoted=False, champion_version="3", champion_value=0.52,
+                                     reason="challenger below champion"))
+    assert line == ("decision: not promoted: ndcg@6 challenger 0.5014 vs champion v3 0.5200; "
+                    "challenger below champion")
+    ope = format_decision(_decision(metric="ope:snips", challenger_value=0.081, challenger_ci_low=0.07,
+                                    challenger_ci_high=0.093, challenger_ess=412.3, champion_version="2",
+                                    champion_value=0.079, champion_ci_low=0.068, champion_ci_high=0.09,
+                                    champion_ess=398.0, reason="no worse than the champion"))
+    assert ope == ("decision: PROMOTED to champion: ope:snips challenger 0.0810 [0.0700, 0.0930], ESS 412 vs "
+                   "champion v2 0.0790 [0.0680, 0.0900], ESS 398; no worse than the champion")

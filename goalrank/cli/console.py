@@ -37,6 +37,11 @@ HARMLESS = (
     # The raylet counts worker processes against whole CPUs; actors and DDP workers here ask
     # for fractions of one on purpose (tasks/ray_runtime.py), so more start than it expects.
     "PYTHON worker processes have been started on node",
+    # Ray Data's check of `ray.available_resources()` when a training stage materialises its
+    # data: a snapshot taken while the previous stage's actors are still handing their CPUs
+    # back (the cluster view lags the raylet). The read then runs; a real hang shows as a
+    # stage that does not finish, and the warning stays in the log.
+    "The Ray cluster currently does not have any available CPUs",
     # MLflow's advice on type hints: the pyfunc takes a DataFrame by design.
     "Add type hints to the `predict` method",
     # MLflow's note that integer columns could not hold missing values; ours have none.
