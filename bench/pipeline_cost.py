@@ -122,9 +122,31 @@ def run_flow(source: list[str], sets: list[str], work: Path, run_id: str, timeou
                        "train_workers_peak_mb": mem_.get("train_workers_peak_rss_mb"),
                        "rows": {k: v.get("rows") for k, v in (man.get("tables") or {}).items() if isinstance(v, dict)}})
     stages.sort(key=lambda s: (s["started_at"] or "", s["stage"]))
-    tail = log.read_text().splitlines()[-15:] if rc else []
+    console = log.read_text().splitlines()  # what the person at the terminal saw (stdout + stderr)
+    run_logs = sorted(storage.glob(f"*/{run_id}/_logs/*.log"))
     return {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": wall, "peak_mb": mem.peak, "stages": stages,
-            "stage_wall_sum_s": sum(s["wall_s"] or 0 for s in stages), "log_tail": tail}
+            "stage_wall_sum_s": sum(s["wall_s"] or 0 for s in stages), "log_tail": console[-15:] if rc else [],
+            "console_lines": len(console), "console": console if len(console) <= 200 else console[:200],
+            "log_file_lines": sum(len(f.read_text().splitlines()) for f in run_logs),
+            "metrics": run_metrics(storage, run_id)}
+
+
+def run_metrics(storage: Path, run_id: str) -> list[dict]:
+    """The evaluate stage's METRICS rows (split, policy, metric, value) of the run, if it got there."""
+    from goalrank_core.schemas import METRICS
+    from tasks.storage import read_table
+
+    found = sorted(storage.glob(f"*/{run_id}/evaluate/metrics"))
+    return read_table(str(found[0]), METRICS, "evaluate metrics").to_pylist() if found else []
+
+
+def metrics_table(title: str, rows: list[dict], split: str = "test") -> dict:
+    """Logged-label metrics of every policy on one split, best NDCG first."""
+    names = sorted({r["metric"] for r in rows if r["split"] == split})
+    val = {(r["policy"], r["metric"]): r["value"] for r in rows if r["split"] == split}
+    policies = sorted({p for p, _ in val}, key=lambda p: -val.get((p, names[-1]), 0.0) if names else 0.0)
+    return table(title, ["policy", *names], [[p, *(f"{val.get((p, m), float('nan')):.4f}" for m in names)]
+                                             for p in policies])
 
 
 def synth_data(work: Path, users: int, requests: int, seed: int = 0) -> list[str]:
@@ -150,7 +172,7 @@ def stage_table(title: str, run: dict) -> dict:
              _mb(s["ray_workers_peak_mb"]), _mb(s["train_workers_peak_mb"]),
              ", ".join(f"{k} {v}" for k, v in s["rows"].items() if v is not None)] for s in run["stages"]]
     rows.append(["whole run (subprocess)", f"{run['wall_s']:.1f}", f"{run['peak_mb']:.0f} (process tree)", "", "",
-                 f"exit code {run['rc']}"])
+                 f"exit code {run['rc']}; {run['console_lines']} console lines, {run['log_file_lines']} in the log file"])
     return table(title, ["stage", "wall s", "driver peak MB", "Ray workers peak MB", "train workers peak MB", "rows"],
                  rows, f"`goalrank {run['command']}`. Stage walls are the manifests' `wall_s`; the rest of the run "
                        f"({run['wall_s'] - run['stage_wall_sum_s']:.0f} s) is start-up (Python, Prefect server, Ray), "
@@ -189,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[ds] = run
                 print(f"[pipeline_cost] {ds}: {run['wall_s']:.0f}s, peak {run['peak_mb']:.0f} MB, rc {run['rc']}", flush=True)
                 tables.append(stage_table(f"Daily flow on {ds} ({', '.join(sets) or 'default config'})", run))
+                if run["metrics"]:
+                    tables.append(metrics_table(f"Test split of that run ({ds})", run["metrics"]))
         syn = mode["synth"]
         growth = []
         for scale in syn["scales"]:

@@ -4,7 +4,10 @@ Nothing in results.md is typed by hand: each section is one result file, headed 
 machine, commit and time that produced it; a file with `tables` is rendered as they are, any
 other (e.g. the stage benchmarks' flat results) as a key/value table of its numbers.
 
-    python -m bench.report [--results DIR] [--out FILE]
+    python -m bench.report [--results DIR] [--out FILE] [--readme FILE]
+
+It also rewrites the README's Results block (between its two `results:` markers) with the
+tables the README quotes (README_RESULTS), so no number there is typed by hand either.
 """
 from __future__ import annotations
 
@@ -181,6 +184,61 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# ---------------------------------------------------------------- the README's Results
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_BEGIN = "<!-- results:begin (python -m bench.report writes this block from bench/results; do not edit) -->"
+README_END = "<!-- results:end -->"
+# What the README quotes: (result file, title prefixes of its tables, what it measures).
+README_RESULTS = [
+    ("pipeline_cost_full_ml-100k.json", ("Daily flow on ml-100k", "Test split of that run"),
+     "`make run`: the whole daily flow on ML-100K, default config, fresh workspace"),
+    ("main_table_full_ml-100k.json", ("Table 1", "GoalRank's gain"), "Table 1 on ML-100K, in process, 3 seeds"),
+    ("main_table_full_amazon-book.json", ("Table 1", "GoalRank's gain"), "Table 1 on Amazon-Book, in process, 3 seeds"),
+    ("oracle_groups_full_ml-100k.json", ("Headroom",), "Headroom of group-relative training over its supervised start"),
+    ("simulator_quick.json", ("True value on the simulator",),
+     "True list value on the list-wise simulator (random list 0, best list found 1)"),
+    ("pipeline_cost_full_ml-1m.json", ("Daily flow on ml-1m",), "The whole daily flow on ML-1M, default config"),
+    ("bench_score_full.json", ("Targets",), "`score` stage throughput on Ray Data"),
+    ("ope_full.json", ("Coverage",), "Off-policy estimators against the true value"),
+]
+
+
+def render_readme_results(results: list[dict]) -> list[str]:
+    """The README's Results block: the quoted tables of README_RESULTS, each under its command,
+    commit and result file; a missing file is said, not filled in."""
+    by_file = {d["_file"]: d for d in results}
+    pins = _pins()
+    lines = [README_BEGIN, ""]
+    for fname, prefixes, what in README_RESULTS:
+        doc = by_file.get(fname)
+        if doc is None:
+            lines += [f"**{what}**: not measured yet (`bench/results/{fname}` missing).", ""]
+            continue
+        git = doc.get("git") or {}
+        sha = (git.get("sha") or doc.get("git_sha") or "unknown")[:7]
+        problems = provenance_problems(doc, pins)
+        lines += [f"**{what}** (`{doc.get('command')}` at {sha}; `bench/results/{fname}`"
+                  + (f"; **{'; '.join(problems)}**" if problems else "") + "):", ""]
+        for t in doc.get("tables") or []:
+            if any(str(t["title"]).startswith(pre) for pre in prefixes):
+                lines += [f"*{_cell(t['title'])}*", ""] + md_table(t["columns"], t["rows"]) + [""]
+    return lines + [README_END]
+
+
+def write_readme_results(results: list[dict], readme: Path = README) -> bool:
+    """Replace the block between README_BEGIN and README_END; -> whether the file changed."""
+    text = readme.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise ValueError(f"{readme}: needs exactly one '{README_BEGIN}' ... '{README_END}' block")
+    head, rest = text.split(README_BEGIN)
+    tail = rest.split(README_END, 1)[1]
+    new = head + "\n".join(render_readme_results(results)) + tail
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -243,7 +301,8 @@ def plot_group_size(doc: dict, path: Path) -> None:
 PLOTS = {"scaling": ("scaling.png", plot_scaling), "group_size": ("group_size.png", plot_group_size)}
 
 
-def write_report(results_dir: Path = RESULTS, out: Path = DOCS / "results.md", plots: bool = True) -> Path:
+def write_report(results_dir: Path = RESULTS, out: Path = DOCS / "results.md", plots: bool = True,
+                 readme: Path | None = None) -> Path:
     results = load_results(results_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +315,8 @@ def write_report(results_dir: Path = RESULTS, out: Path = DOCS / "results.md", p
                 if fname not in [Path(p).name for p in doc["plots"]]:
                     doc["plots"].append(f"docs/{fname}")
     out.write_text(render(results))
+    if readme is not None:
+        write_readme_results(results, readme)
     return out
 
 
@@ -264,8 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--out", default=str(DOCS / "results.md"))
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--readme", default=str(README), help="README whose Results block is rewritten ('' for none)")
     args = ap.parse_args(argv)
-    print(f"wrote {write_report(Path(args.results), Path(args.out), not args.no_plots)}")
+    out = write_report(Path(args.results), Path(args.out), not args.no_plots, Path(args.readme) if args.readme else None)
+    print(f"wrote {out}" + (f" and the Results block of {args.readme}" if args.readme else ""))
 
 
 if __name__ == "__main__":

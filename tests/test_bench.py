@@ -197,3 +197,41 @@ def test_report_flags_results_that_no_clean_commit_reproduces():
     md = render(docs)
     assert "1 of 2 result files cannot be reproduced" in md and "`dirty.json` (written from a tree with uncommitted changes)" in md
     assert md.count("**provenance:") == 1
+
+
+def test_readme_results_block_is_rewritten_from_result_files_only(tmp_path, monkeypatch):
+    """bench.report writes the README's quoted tables between its markers, under each file's
+    command and commit, flags a dirty one, says which files are missing, and touches nothing else."""
+    from bench import report
+
+    monkeypatch.setattr(report, "README_RESULTS", [
+        ("a.json", ("Kept",), "What a measures"), ("missing.json", ("X",), "What nobody ran")])
+    doc = {"benchmark": "a", "_file": "a.json", "command": "python -m bench.a --mode full",
+           "git": {"sha": "c" * 40, "dirty": True}, "machine": {},
+           "tables": [{"title": "Kept table", "columns": ["k", "v"], "rows": [["x", 0.5]]},
+                      {"title": "Other table", "columns": ["k"], "rows": [["y"]]}]}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n{report.README_BEGIN}\nold 0.123\n{report.README_END}\nafter\n")
+    assert report.write_readme_results([doc], readme)
+    text = readme.read_text()
+    assert text.startswith("# T\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
+    assert "old 0.123" not in text and "| x | 0.5 |" in text and "Other table" not in text
+    assert "`python -m bench.a --mode full` at ccccccc; `bench/results/a.json`" in text
+    assert "written from a tree with uncommitted changes" in text
+    assert "**What nobody ran**: not measured yet (`bench/results/missing.json` missing)." in text
+    assert not report.write_readme_results([doc], readme)  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        report.write_readme_results([doc], readme)
+
+
+def test_pipeline_cost_metrics_table_lists_every_policy_best_ndcg_first():
+    from bench.pipeline_cost import metrics_table
+
+    rows = [{"split": "test", "policy": p, "metric": m, "value": v}
+            for p, hr, nd in (("random", 0.1, 0.09), ("goalrank", 0.58, 0.54), ("dnn", 0.47, 0.46))
+            for m, v in (("hr@6", hr), ("ndcg@6", nd))] + [
+        {"split": "valid", "policy": "goalrank", "metric": "hr@6", "value": 0.9}]
+    t = metrics_table("Test split", rows)
+    assert t["columns"] == ["policy", "hr@6", "ndcg@6"]
+    assert t["rows"] == [["goalrank", "0.5800", "0.5400"], ["dnn", "0.4700", "0.4600"], ["random", "0.1000", "0.0900"]]
