@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TQDM_MININTERVAL ?= 5
 
-.PHONY: install run test test-slow test-ui browser bench-quick bench-full stack stack-down clean
+.PHONY: install run test test-slow test-ui test-multinode ray-dashboard browser bench-quick bench-full stack stack-down clean
 
 install: $(STAMP)
 
@@ -32,12 +32,23 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q --durations=15
 
-test-slow: $(STAMP) browser
+test-slow: $(STAMP) browser ray-dashboard
 	$(PY) -m pytest -m slow -q
 
 # The Prefect and MLflow UIs in headless Chromium (tests/test_ui_browser.py; screenshots to docs/img/).
 test-ui: $(STAMP) browser
 	$(PY) -m pytest -m browser -q tests/test_ui_browser.py
+
+# The daily flow on a 2-node Ray cluster on loopback, placement read from Ray's State API
+# (tests/test_multinode.py; also part of test-slow).
+test-multinode: $(STAMP) ray-dashboard
+	$(PY) -m pytest -m slow -q tests/test_multinode.py
+
+# ray[default]'s dashboard packages, outside the venv's site-packages (infra/ray_node.py says why).
+ray-dashboard: $(VENV)/ray-dashboard/.installed
+$(VENV)/ray-dashboard/.installed: infra/ray-dashboard-requirements.txt $(STAMP)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --target $(VENV)/ray-dashboard -r $<
+	touch $@
 
 # Debian's chromium and chromium-driver for the browser tests (apt-get; about 25 s), unless present.
 browser:

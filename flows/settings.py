@@ -118,6 +118,8 @@ TUNING_ENV_VARS: dict[str, str] = {
     "GOALRANK_DATA_ACTORS": "actors per Ray Data actor pool (default 2)",
     "GOALRANK_POLICY_TASK_CPUS": "CPUs of the policy-training task (default 1)",
     "GOALRANK_TRAIN_MAX_FAILURES": "Ray Train FailureConfig.max_failures (default 1)",
+    "GOALRANK_TRAIN_PLACEMENT": "placement of the DDP workers: PACK (default, Ray Train's) or SPREAD over the "
+                                "cluster's nodes (STRICT_PACK, STRICT_SPREAD)",
     "GOALRANK_USE_GPU": "0 keeps everything on CPU even where a GPU exists",
     "GOALRANK_DATA_ORDERED": "0 lets Ray Data stages write rows in the order batches finish; runs are then no longer identical (default on)",
     "GOALRANK_WORKER_MALLOC": "0 starts Ray's workers without the glibc malloc settings of tasks/ray_runtime.py (default on)",

@@ -1,5 +1,6 @@
 """The local stack: a Prefect server, an MLflow server (SQLite backend, artifacts proxied to
-S3), a moto S3 server and a Ray head, all on 127.0.0.1, started and stopped by PID.
+S3), a moto S3 server and a Ray head (plus `ray_nodes - 1` further Ray nodes joined to it),
+all on 127.0.0.1, started and stopped by PID.
 
 `infra/local-stack up|down|status` and the end-to-end tests use this one implementation:
 
@@ -31,6 +32,10 @@ from pathlib import Path
 
 SERVICES = ("s3", "mlflow", "prefect", "ray")
 BIN = Path(sys.executable).parent  # the venv's bin: prefect, mlflow, moto_server, ray
+RAY_NODE = Path(__file__).resolve().with_name("ray_node.py")  # `ray start` kept on loopback
+# ray[default]'s extra packages for the dashboard (State API), outside the venv's own
+# site-packages: `make ray-dashboard` installs them (infra/ray-dashboard-requirements.txt).
+DASHBOARD_DEPS = Path(os.environ.get("GOALRANK_RAY_DASHBOARD_DEPS") or BIN.parent / "ray-dashboard")
 REGION = "us-east-1"
 # Variables that would point a child at some other service; the stack sets its own.
 _POINTERS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "GOALRANK_STORAGE",
@@ -96,13 +101,18 @@ class LocalStack:
     def __init__(self, workdir: str | Path, ports: StackPorts | None = None, *, bucket: str = "goalrank",
                  mlflow_bucket: str = "goalrank-mlflow", ray_num_cpus: int | None = None,
                  ray_object_store_mb: int = 512, ray_dashboard: bool = False, timeout_s: float = 240.0,
-                 services: tuple[str, ...] = SERVICES):
+                 services: tuple[str, ...] = SERVICES, ray_nodes: int = 1):
         self.workdir = Path(workdir).resolve()
         self.ports = ports or StackPorts.from_env()
         self.bucket, self.mlflow_bucket = bucket, mlflow_bucket
         self.ray_num_cpus = ray_num_cpus or int(os.environ.get("GOALRANK_RAY_NUM_CPUS") or os.cpu_count() or 2)
         self.ray_object_store_mb = ray_object_store_mb
         self.ray_dashboard = ray_dashboard
+        # Ray nodes in all: the head and ray_nodes - 1 more, each with ray_num_cpus logical CPUs
+        # (service names ray-2, ray-3, ...; what a KubeRay worker group's replicas are).
+        self.ray_nodes = int(ray_nodes)
+        if self.ray_nodes < 1:
+            raise StackError(f"ray_nodes must be at least 1, got {ray_nodes}")
         self.timeout_s = timeout_s
         unknown = set(services) - set(SERVICES)
         if unknown:
@@ -118,7 +128,9 @@ class LocalStack:
             self._state = json.loads(self.state_file.read_text())
             self.ports = StackPorts(**self._state["ports"])
             self.bucket, self.mlflow_bucket = self._state["buckets"]
-            self.services = tuple(self._state["services"])
+            self.services = tuple(n for n in self._state["services"] if n in SERVICES)
+            self.ray_nodes = int(self._state.get("ray_nodes", 1))
+            self.ray_dashboard = bool(self._state.get("ray_dashboard", self.ray_dashboard))
 
     # --- public API --------------------------------------------------------------------
 
@@ -135,7 +147,16 @@ class LocalStack:
             "mlflow": f"http://127.0.0.1:{p.mlflow}",
             "s3": f"http://127.0.0.1:{p.s3}",
             "ray": f"127.0.0.1:{p.ray}",
+            **{name: f"127.0.0.1:{p.ray} (joined)" for name in self._extra_ray_nodes()},
         }
+
+    def _extra_ray_nodes(self) -> list[str]:
+        """Service names of the Ray nodes after the head: ray-2 ... ray-N."""
+        return [f"ray-{k}" for k in range(2, self.ray_nodes + 1)] if "ray" in self.services else []
+
+    def dashboard_url(self) -> str | None:
+        """The Ray head's dashboard, which serves Ray's State API (None when it is off)."""
+        return f"http://127.0.0.1:{self.ports.ray_dashboard}" if self.ray_dashboard and "ray" in self.services else None
 
     def env(self) -> dict[str, str]:
         """What points the goalrank command at this stack (the content of `<workdir>/env`)."""
@@ -162,7 +183,8 @@ class LocalStack:
         t0 = time.monotonic()
         ray_tmp = self._ray_temp_dir()
         self._state = {"ports": asdict(self.ports), "buckets": [self.bucket, self.mlflow_bucket],
-                       "ray_temp_dir": str(ray_tmp), "services": {}, "ready_s": {}}
+                       "ray_temp_dir": str(ray_tmp), "services": {}, "ready_s": {},
+                       "ray_nodes": self.ray_nodes, "ray_dashboard": self.ray_dashboard}
         # Fresh credentials per stack: moto accepts any, and a fixed pair would make a leaked
         # value impossible to spot in the security tests.
         creds = {"AWS_ACCESS_KEY_ID": "GRLOCAL" + secrets.token_hex(6).upper(),
@@ -173,7 +195,12 @@ class LocalStack:
             for name in self.services:  # all start at once; each is checked below
                 self._start(name, self._argv(name, ray_tmp), base)
             self._save()
-            self._wait_healthy(t0, creds)
+            self._wait_healthy(t0, creds, self.services)
+            extra = self._extra_ray_nodes()
+            for name in extra:  # they join the head once it is up
+                self._start(name, self._argv(name, ray_tmp), base)
+            self._save()
+            self._wait_healthy(t0, creds, extra)
         except BaseException:
             self.down()
             raise
@@ -188,7 +215,8 @@ class LocalStack:
             return []
         stopped: list[int] = []
         services = self._state["services"]
-        for name in reversed(SERVICES):  # Ray first: it drains before the others go
+        extra = sorted((n for n in services if n.startswith("ray-")), key=lambda n: -int(n.split("-")[1]))
+        for name in extra + list(reversed(SERVICES)):  # Ray first, its joined nodes before the head
             svc = services.get(name)
             if not svc:
                 continue
@@ -198,7 +226,7 @@ class LocalStack:
                 # `ray start --block` drains the node and stops its own children on SIGTERM;
                 # signalling its whole group instead breaks the drain and costs 30 s. The
                 # others get the signal in their whole group (servers with worker children).
-                _signal(svc["pid"], signal.SIGTERM, group=name != "ray")
+                _signal(svc["pid"], signal.SIGTERM, group=not name.startswith("ray"))
             else:
                 for pid in pids:
                     _signal(pid, signal.SIGTERM)
@@ -258,14 +286,26 @@ class LocalStack:
         if name == "prefect":
             return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p.prefect),
                     "--analytics-off"]
+        node = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.ray_num_cpus),
+                "--object-store-memory", str(self.ray_object_store_mb * 2**20),
+                "--min-worker-port", "0", "--max-worker-port", "0",  # OS-chosen: no clash with other Rays
+                "--disable-usage-stats"]
         if name == "ray":
-            return [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                    "--port", str(p.ray), "--num-cpus", str(self.ray_num_cpus),
-                    "--object-store-memory", str(self.ray_object_store_mb * 2**20),
+            argv = ["--head", "--block", "--port", str(p.ray), *node,
                     "--include-dashboard", str(self.ray_dashboard).lower(), "--dashboard-host", "127.0.0.1",
                     "--dashboard-port", str(p.ray_dashboard), "--dashboard-agent-listen-port", str(p.ray_dashboard_agent),
-                    "--min-worker-port", "0", "--max-worker-port", "0",  # OS-chosen: no clash with other Rays
-                    "--temp-dir", str(ray_tmp), "--disable-usage-stats"]
+                    "--temp-dir", str(ray_tmp)]
+            if self.ray_dashboard and _dashboard_deps_missing():
+                if not (DASHBOARD_DEPS / "aiohttp_cors").is_dir():
+                    raise StackError(f"Ray's dashboard needs ray[default]'s extra packages: run `make ray-dashboard` "
+                                     f"(installs them into {DASHBOARD_DEPS})")
+                return [sys.executable, str(RAY_NODE), "--dashboard-deps", str(DASHBOARD_DEPS), "--", *argv]
+            return [str(BIN / "ray"), "start", *argv]
+        if name in self._extra_ray_nodes():
+            # A node on the same machine: its agent needs a port of its own (the head has the
+            # configured one); the session (temp dir) is the head's, as on one machine it must be.
+            return [sys.executable, str(RAY_NODE), "--join", "--", "--address", f"127.0.0.1:{p.ray}", "--block", *node,
+                    "--dashboard-agent-listen-port", str(_free_port())]
         raise StackError(f"unknown service {name!r}")
 
     def _child_env(self, creds: dict[str, str]) -> dict[str, str]:
@@ -317,8 +357,8 @@ class LocalStack:
         self._state["services"][name] = {"pid": proc.pid, "start_time": _start_time(proc.pid), "argv": argv,
                                          "log": str(self.log_dir / f"{name}.log")}
 
-    def _wait_healthy(self, t0: float, creds: dict[str, str]) -> None:
-        waiting = list(self.services)
+    def _wait_healthy(self, t0: float, creds: dict[str, str], names) -> None:
+        waiting = list(names)
         deadline = t0 + self.timeout_s
         while waiting:
             for name in list(waiting):
@@ -361,12 +401,23 @@ class LocalStack:
                 # confirms that the head node's raylet registered its CPUs.
                 if not _port_open(self.ports.ray):
                     return False
-                r = subprocess.run([str(BIN / "ray"), "status", "--address", u["ray"]], capture_output=True,
-                                   text=True, timeout=60, env=self._child_env(creds))
-                return r.returncode == 0 and "Active:" in r.stdout and "CPU" in r.stdout
+                if self.ray_dashboard and not _http_ok(f"{self.dashboard_url()}/api/version"):
+                    return False
+                return self._ray_active_nodes(creds) >= 1
+            if name.startswith("ray-"):  # a joined node: registered with the head, CPUs and all
+                return self._ray_active_nodes(creds) >= (int(name.split("-")[1]) if not full else self.ray_nodes)
         except Exception:
             return False
         return False
+
+    def _ray_active_nodes(self, creds: dict[str, str]) -> int:
+        """Nodes `ray status` lists as active (0 when it fails or lists no CPUs)."""
+        r = subprocess.run([str(BIN / "ray"), "status", "--address", self.urls()["ray"]], capture_output=True,
+                           text=True, timeout=60, env=self._child_env(creds))
+        if r.returncode != 0 or "Active:" not in r.stdout or "CPU" not in r.stdout:
+            return 0
+        active = r.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+        return sum(1 for line in active.splitlines() if line.strip().split(" ")[-1].startswith("node_"))
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -388,6 +439,19 @@ class LocalStack:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state, indent=2))
         tmp.replace(self.state_file)
+
+
+def _dashboard_deps_missing() -> bool:
+    """ray[default]'s dashboard packages are not importable from the venv itself."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is None for m in ("aiohttp_cors", "grpc", "opencensus"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- process helpers (Linux /proc) --------------------------------------------------------
@@ -516,13 +580,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--workdir", default=os.environ.get("GOALRANK_STACK_DIR", str(root / ".stack")),
                         help="state, logs, databases and the env file (env GOALRANK_STACK_DIR)")
-    parser.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard (needs ray[default])")
+    parser.add_argument("--ray-dashboard", action="store_true",
+                        help="start Ray's dashboard, which serves its State API (`make ray-dashboard` first)")
+    parser.add_argument("--ray-nodes", type=int, default=int(os.environ.get("GOALRANK_STACK_RAY_NODES") or 1),
+                        metavar="N", help="Ray nodes on loopback: the head and N-1 joined to it, each with "
+                                          "GOALRANK_RAY_NUM_CPUS logical CPUs (env GOALRANK_STACK_RAY_NODES; default 1)")
     args = parser.parse_args(argv)
-    stack = LocalStack(args.workdir, ray_dashboard=args.ray_dashboard)
+    stack = LocalStack(args.workdir, ray_dashboard=args.ray_dashboard, ray_nodes=args.ray_nodes)
     try:
         if args.action == "up":
             stack.up()
             _print_status(stack)
+            if "ray" in stack.services:
+                print(f"\nRAY_ADDRESS={stack.urls()['ray']} ({stack.ray_nodes} Ray node"
+                      f"{'s' if stack.ray_nodes > 1 else ''}, {stack.ray_num_cpus} logical CPUs each"
+                      + (f"; State API at {stack.dashboard_url()}" if stack.dashboard_url() else "") + ")")
             print(f"\nup in {stack._state.get('startup_s', 0):.1f} s. Point goalrank at it with:\n"
                   f"  source {_short(stack.env_file)}")
         elif args.action == "down":

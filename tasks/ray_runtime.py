@@ -187,7 +187,24 @@ def train_scaling(num_workers: int) -> Any:
     res = {"CPU": actor_cpus()}
     if gpu:
         res["GPU"] = 1.0
-    return ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=res)
+    return ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=res,
+                         placement_strategy=train_placement())
+
+
+_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def train_placement() -> str:
+    """Placement group strategy of the DDP workers (GOALRANK_TRAIN_PLACEMENT, default PACK, as
+    Ray's). PACK puts fractional-CPU workers on one node while it has room; SPREAD puts them on
+    different nodes where it can (tests/test_multinode.py; a cluster of small nodes)."""
+    raw = os.environ.get("GOALRANK_TRAIN_PLACEMENT", "").strip().upper() or "PACK"
+    if raw not in _PLACEMENTS:
+        from goalrank_core.errors import ConfigError
+
+        raise ConfigError(f"environment variable GOALRANK_TRAIN_PLACEMENT={os.environ['GOALRANK_TRAIN_PLACEMENT']!r} "
+                          f"is not one of {', '.join(_PLACEMENTS)}")
+    return raw
 
 
 def shutdown() -> None:
