@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goalrank_core.batch import PAD, EncodedRequests, RequestBatch
-from goalrank_core.config import PolicyConfig, TrainConfig
+from goalrank_core.config_sections import PolicyConfig, TrainConfig
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.layers import in_table
 from goalrank_core.policies import ListPolicy, ScorePolicy, propose_all

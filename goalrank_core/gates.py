@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from goalrank_core.config import GateConfig
+from goalrank_core.config_sections import GateConfig
 from goalrank_core.errors import DataValidationError, GoalRankInputError
 
 

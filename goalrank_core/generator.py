@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
-from goalrank_core.config import GeneratorConfig
+from goalrank_core.config_sections import GeneratorConfig
 from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goalrank_core.batch import PAD, EncodedRequests, RequestBatch
-from goalrank_core.config import PolicyConfig
+from goalrank_core.config_sections import PolicyConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 
 _NEG = -1e30  # stands in for -inf/NaN scores of real candidates, so they still beat padding

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from goalrank_core.baselines import GeneratorEvaluator, pointwise_policy, prm_policy
-from goalrank_core.config import PolicyConfig
+from goalrank_core.config_sections import PolicyConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from goalrank_core.policies import (HeuristicStats, ListPolicy, LoggedPolicy, MMRPolicy, ScorePolicy, ctr_policy,
                                     first_stage_policy, history_policy, popularity_policy, random_policy)

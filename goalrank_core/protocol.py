@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from goalrank_core.config import ProtocolConfig
+from goalrank_core.config_sections import ProtocolConfig
 from goalrank_core.datasets.registry import RawData
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.retriever import Retriever, fit_retriever

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
-from goalrank_core.config import RewardConfig
+from goalrank_core.config_sections import RewardConfig
 from goalrank_core.group import dcg_weights
 from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
 

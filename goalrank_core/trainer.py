@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from goalrank_core.batch import EncodedRequests, RequestBatch
-from goalrank_core.config import TrainConfig
+from goalrank_core.config_sections import TrainConfig
 from goalrank_core.group import dcg_weights, group_relative_loss, normalise_rewards
 from goalrank_core.reward_model import CrossFitReward, member_bce, request_folds
 

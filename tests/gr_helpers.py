@@ -45,7 +45,7 @@ def tiny_config(**over):
 
 def synth_tables(n_users: int = 40, requests_per_user: int = 6, seed: int = 0, **kw):
     """Synthetic impressions (L=4, N=12) split per user: last request test, one before valid."""
-    from goalrank_core.config import ProtocolConfig
+    from goalrank_core.config_sections import ProtocolConfig
     from goalrank_core.protocol import split_impressions
     from goalrank_core.synth import synth_impressions
 

@@ -12,7 +12,7 @@ from goalrank_core.baselines import (
     shown_bce, train_pointwise, train_prm,
 )
 from goalrank_core.batch import EncodedRequests, RequestBatch
-from goalrank_core.config import PolicyConfig, TrainConfig
+from goalrank_core.config_sections import PolicyConfig, TrainConfig
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.policy_registry import PolicyResources, build_policy, known_policies
 from goalrank_core.policies import first_stage_policy, fit_heuristics, popularity_policy, random_policy

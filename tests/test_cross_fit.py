@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from goalrank_core.batch import EncodedRequests
-from goalrank_core.config import RewardConfig
+from goalrank_core.config_sections import RewardConfig
 from goalrank_core.reward_model import CrossFitReward, request_folds
 from goalrank_core.trainer import batch_folds, reward_loss
 from gr_helpers import random_batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from goalrank_core.config import RewardConfig
+from goalrank_core.config_sections import RewardConfig
 from goalrank_core.reward_model import CrossFitReward, RewardModel
 from goalrank_core.trainer import exposure_loss, reward_loss
 from gr_helpers import random_batch

@@ -9,7 +9,8 @@ import torch
 
 from goalrank_core.batch import RequestBatch, Vocab, encode_requests
 from goalrank_core.bundle import build_bundle
-from goalrank_core.config import GoalRankConfig, RewardConfig
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.config_sections import RewardConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from goalrank_core.reward_model import CrossFitReward, RewardModel
 from goalrank_core.trainer import reward_loss

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from goalrank_core.config import GeneratorConfig
+from goalrank_core.config_sections import GeneratorConfig
 from goalrank_core.generator import GoalRankGenerator
 from goalrank_core.group import group_relative_loss
 from gr_helpers import random_batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from goalrank_core.config import GeneratorConfig
+from goalrank_core.config_sections import GeneratorConfig
 from goalrank_core.generator import GoalRankGenerator
 from gr_helpers import random_batch
 

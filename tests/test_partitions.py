@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from goalrank_core.batch import Vocab
-from goalrank_core.config import GateConfig, GoalRankConfig
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.config_sections import GateConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from goalrank_core.gates import DataGateError, MissingPartitionError, check_partition
 from goalrank_core.partitions import (PartitionError, by_day, date_range, parse_date, parse_partition, partition_name,
@@ -185,7 +186,7 @@ def test_gate_schema():
 
 
 def _gen(n_items, n_users, seed=0):
-    from goalrank_core.config import GeneratorConfig
+    from goalrank_core.config_sections import GeneratorConfig
     from goalrank_core.generator import GoalRankGenerator
 
     torch.manual_seed(seed)
@@ -211,7 +212,7 @@ def test_remap_copies_shared_ids_and_keeps_new_rows_fresh():
 
 
 def test_remap_refuses_another_architecture():
-    from goalrank_core.config import GeneratorConfig
+    from goalrank_core.config_sections import GeneratorConfig
     from goalrank_core.generator import GoalRankGenerator
 
     v = Vocab(np.array([10, 20]))

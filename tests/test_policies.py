@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from goalrank_core.batch import EncodedRequests, RequestBatch
-from goalrank_core.config import GoalRankConfig, PolicyConfig
+from goalrank_core.config import GoalRankConfig
+from goalrank_core.config_sections import PolicyConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
 from goalrank_core.policies import HeuristicStats, LoggedPolicy, MMRPolicy, ScorePolicy, check_enough, ctr_policy, first_stage_policy, fit_heuristics, history_policy, plackett_luce_sample, popularity_policy, random_policy, topk_list
 from goalrank_core.policy_registry import PolicyResources, build_auxiliary, build_policy

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 import goalrank_core.protocol as protocol
-from goalrank_core.config import ProtocolConfig
+from goalrank_core.config_sections import ProtocolConfig
 from goalrank_core.datasets import RATINGS, RawData, load
 from goalrank_core.protocol import kcore, load_splits, make_splits, split_impressions
 from goalrank_core.retriever import ItemKNN, PureSVD

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from goalrank_core.batch import RequestBatch
-from goalrank_core.config import RewardConfig, TrainConfig
+from goalrank_core.config_sections import RewardConfig, TrainConfig
 from goalrank_core.reward_model import RewardModel
 from goalrank_core.trainer import augment_lists, make_optimizer, reward_loss
 from gr_helpers import random_batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from goalrank_core.batch import RequestBatch
-from goalrank_core.config import RewardConfig
+from goalrank_core.config_sections import RewardConfig
 from goalrank_core.fit import group_proposals
 from goalrank_core.reward_model import RewardModel
 from goalrank_core.trainer import list_rank_loss, log_labels, pick_lists, reward_loss
@@ -71,7 +71,7 @@ def test_context_layers_make_an_item_depend_on_the_other_candidates():
 
 
 def _pair(context_layers: int, gen_layers: int = 2):
-    from goalrank_core.config import GeneratorConfig
+    from goalrank_core.config_sections import GeneratorConfig
     from goalrank_core.generator import GoalRankGenerator
 
     torch.manual_seed(0)
