@@ -154,7 +154,7 @@ def split_window(train: pa.Table, holdout: pa.Table, items: pa.Table | None = No
     """Validated IMPRESSIONS of the training days and of the holdout day -> protocol Splits:
     train = every training day; the holdout day sorted by (timestamp, request_id), its first
     ceil((1 - test_fraction) * n) requests valid, the rest test (at least one each when n >= 2)."""
-    from goalrank_core.protocol import Splits, _stats
+    from goalrank_core.splits import Splits, split_stats
 
     n = holdout.num_rows
     if n == 0:
@@ -167,7 +167,7 @@ def split_window(train: pa.Table, holdout: pa.Table, items: pa.Table | None = No
     n_valid = min(max(n_valid, 1), n - 1) if n >= 2 else n
     valid, test = held.slice(0, n_valid), held.slice(n_valid)
     tables = {"train": train, "valid": valid, "test": test}
-    stats = _stats(tables, dataset="impressions (window)", holdout=holdout_name, test_fraction=test_fraction)
+    stats = split_stats(tables, dataset="impressions (window)", holdout=holdout_name, test_fraction=test_fraction)
     return Splits(train, valid, test, items, stats)
 
 

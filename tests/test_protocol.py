@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import goalrank_core.protocol as protocol
+import goalrank_core.interaction_requests as interaction_requests
 from goalrank_core.config_sections import ProtocolConfig
 from goalrank_core.datasets import RATINGS, RawData, load
-from goalrank_core.protocol import kcore, load_splits, make_splits, split_impressions
+from goalrank_core.interaction_requests import kcore
+from goalrank_core.protocol import load_splits, make_splits, split_impressions
 from goalrank_core.retriever import ItemKNN, PureSVD
 from goalrank_core.schemas import IMPRESSIONS
 from goalrank_core.synth import synth_impressions
@@ -57,14 +58,14 @@ class Spy:
 
     def __call__(self, kind, users, items, seed=0):
         self.pairs = set(zip(users.tolist(), items.tolist()))
-        return protocol.__dict__["_real_fit"](kind, users, items, seed=seed)
+        return interaction_requests.__dict__["_real_fit"](kind, users, items, seed=seed)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     s = Spy()
-    monkeypatch.setitem(protocol.__dict__, "_real_fit", protocol.fit_retriever)
-    monkeypatch.setattr(protocol, "fit_retriever", s)
+    monkeypatch.setitem(interaction_requests.__dict__, "_real_fit", interaction_requests.fit_retriever)
+    monkeypatch.setattr(interaction_requests, "fit_retriever", s)
     return s
 
 
@@ -274,8 +275,8 @@ def test_retrievers_rank_co_occurring_items_first():
 @needs_data
 def test_ml100k_protocol(monkeypatch):
     spy = Spy()
-    monkeypatch.setitem(protocol.__dict__, "_real_fit", protocol.fit_retriever)
-    monkeypatch.setattr(protocol, "fit_retriever", spy)
+    monkeypatch.setitem(interaction_requests.__dict__, "_real_fit", interaction_requests.fit_retriever)
+    monkeypatch.setattr(interaction_requests, "fit_retriever", spy)
     s = make_splits(load("ml-100k", DATA), ProtocolConfig())
     st = s.stats
     assert st["users"] == 917 and st["valid_requests"] == st["test_requests"] == 917

@@ -174,7 +174,7 @@ def _check(state, proxy, during, out, layer, t0, capfd, caplog) -> None:
     from prefect.client.orchestration import get_client
 
     from goalrank_core.schemas import IMPRESSIONS
-    from tasks import storage
+    from tasks import object_store, storage
 
     assert state.is_completed(), state
     summary = state.result()
@@ -200,5 +200,5 @@ def _check(state, proxy, during, out, layer, t0, capfd, caplog) -> None:
     manifest = storage.read_manifest(out)
     assert manifest is not None and manifest["fingerprint"] == summary["manifest"]["fingerprint"]
     for split in ("train", "valid", "test"):
-        t = storage.read_table(storage.join(out, split), IMPRESSIONS, split)
+        t = storage.read_table(object_store.join(out, split), IMPRESSIONS, split)
         assert t.num_rows == manifest["tables"][split]["rows"] > 0
