@@ -9,7 +9,7 @@ import pyarrow as pa
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import CANDIDATE_GROUPS
 from tasks import object_store, storage
-from tasks._data import load_bundle, save_bundle
+from tasks.stage_io import load_bundle, read_split, save_bundle
 from tasks.stages import DataSource, prepare, stage_uri
 
 MODES = {
@@ -48,7 +48,7 @@ def random_groups(root: str, prep: str, cfg: GoalRankConfig, fraction: float = 1
     work than ML-100K has requests."""
 
     def body(out: str) -> dict:
-        train = storage.read_table(object_store.join(prep, "train"), None, "bench train")
+        train = read_split(prep, "train", "bench train")
         train = train.slice(0, int(round(train.num_rows * fraction)))
         rng = np.random.default_rng(cfg.train.seed)
         lists = pa.concat_arrays([_random_lists(train.column("candidates").combine_chunks(), cfg, rng)

@@ -50,12 +50,13 @@ REPEAT = {"quick": 8, "full": 11}
 
 def _load(prep: str, reward_uri: str, cand: str) -> tuple:
     """What a Scorer actor holds, plus the groups: (bundle, reward model, request index, groups)."""
-    from tasks._data import load_bundle
-    from tasks._groups import RequestIndex
+    from goalrank_core.schemas import CANDIDATE_GROUPS
+    from tasks.group_rows import RequestIndex
+    from tasks.stage_io import load_bundle, read_split
 
     bundle = load_bundle(object_store.join(reward_uri, "model"), "bench reward")
-    index = RequestIndex(storage.read_table(object_store.join(prep, "train"), None, "bench train"), "bench")
-    groups = storage.read_table(object_store.join(cand, "groups"), None, "bench groups")
+    index = RequestIndex(read_split(prep, "train", "bench train"), "bench")
+    groups = storage.read_table(object_store.join(cand, "groups"), CANDIDATE_GROUPS, "bench groups")
     return bundle, bundle.require("reward").eval(), index, groups
 
 

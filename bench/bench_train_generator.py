@@ -32,13 +32,14 @@ FRACTION = {"quick": 0.5, "full": 1.0}  # of the training requests given groups
 def in_process(prep: str, scored: str, cfg, threads: int) -> dict:
     from goalrank_core.bundle import encode
     from goalrank_core.trainer import Groups, set_seed, train_generator_group
-    from tasks._data import load_bundle
-    from tasks._groups import RequestIndex, groups_to_positions
+    from goalrank_core.schemas import SCORED_GROUPS
+    from tasks.group_rows import RequestIndex, groups_to_positions
+    from tasks.stage_io import load_bundle, read_split
 
     torch.set_num_threads(threads)
     bundle = load_bundle(object_store.join(prep, "vocab"), "bench vocab")
-    groups = storage.read_table(object_store.join(scored, "groups"), None, "bench scored")
-    index = RequestIndex(storage.read_table(object_store.join(prep, "train"), None, "bench train"), "bench")
+    groups = storage.read_table(object_store.join(scored, "groups"), SCORED_GROUPS, "bench scored")
+    index = RequestIndex(read_split(prep, "train", "bench train"), "bench")
     enc = encode(bundle, index.take(groups.column("request_id")))
     pos, mask = groups_to_positions(enc, groups.column("lists"), cfg.group.size, "bench")
     pi = np.zeros(mask.shape, np.float32)

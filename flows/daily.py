@@ -125,6 +125,32 @@ def register_and_promote(plan: RunPlan, summaries: list[dict], c: dict, params: 
     return reg, decision
 
 
+def logged_plan(dataset: str | None, impressions: str | None, settings: dict[str, Any], config: dict | None,
+                overrides: dict | None, run_date: str | None, run_id: str | None,
+                promotion_metric: str | None) -> RunPlan:
+    """check_parameters inside a flow run: a bad parameter is one line an operator reads in the
+    run's logs (a run started from the UI with a bad override); the exception, and its
+    traceback, follow from Prefect."""
+    try:
+        return check_parameters(dataset, impressions, flow_settings(**settings), config, overrides, run_date,
+                                run_id, promotion_metric)
+    except GoalRankInputError as exc:
+        from prefect import get_run_logger
+
+        get_run_logger().error(f"bad parameters, nothing run or written: {exc}")
+        raise
+
+
+def record_run(plan: RunPlan, run_cfg: GoalRankConfig, reg: dict, decision: dict, warm_info: dict,
+               window: dict | None, prepared: str, evaluated: str) -> None:
+    """The run record, written last: it marks the run complete for backfills (daily_ops)."""
+    daily_ops.write_record(plan.settings["storage"], plan.name, plan.run_id, {
+        "config_hash": plan.cfg.hash(), "run_config_hash": run_cfg.hash(), "run_id": plan.run_id,
+        "run_date": plan.run_date, "version": reg["version"], "data_version": reg["data_version"],
+        "decision": decision, "warm_start": warm_info, "window": window["window"] if window else None,
+        "gates": window["gates"] if window else None, "prepare": prepared, "evaluate": evaluated})
+
+
 @flow(name=FLOW_NAME, log_prints=True, validate_parameters=True)
 def goalrank_daily(
     dataset: str | None = None,
@@ -159,18 +185,9 @@ def goalrank_daily(
     (`{run}/registry/_manifest.json`) written last marks the run complete for backfills.
     """
     t_flow = time.time()
-    try:
-        settings = flow_settings(storage=storage, tracking_uri=tracking_uri, experiment=experiment,
-                                 model_name=model_name, data_dir=data_dir)
-        plan = check_parameters(dataset, impressions, settings, config, overrides, run_date, run_id,
-                                promotion_metric)
-    except GoalRankInputError as exc:
-        # One line an operator reads in the run's logs (a run started from the UI with a bad
-        # override); the exception, and its traceback, follow from Prefect.
-        from prefect import get_run_logger
-
-        get_run_logger().error(f"bad parameters, nothing run or written: {exc}")
-        raise
+    settings = dict(storage=storage, tracking_uri=tracking_uri, experiment=experiment, model_name=model_name,
+                    data_dir=data_dir)
+    plan = logged_plan(dataset, impressions, settings, config, overrides, run_date, run_id, promotion_metric)
     s, cfg, run_id = plan.settings, plan.cfg, plan.run_id
     c = cfg.to_dict()
     uri = lambda stage: stage_uri(s["storage"], plan.name, run_id, stage)  # noqa: E731
@@ -208,11 +225,7 @@ def goalrank_daily(
     uris = {"prepared": prep["uri"], "reward_model": rew["uri"], "policies": pol["uri"]}
     reg, decision = register_and_promote(plan, summaries, c, params, tags, uris, promotion_margin)
     warm_info = {k: warm[k] for k in ("warm", "version", "reason", "stats", "uri")}
-    daily_ops.write_record(s["storage"], plan.name, run_id, {
-        "config_hash": cfg.hash(), "run_config_hash": run_cfg.hash(), "run_id": run_id, "run_date": plan.run_date,
-        "version": reg["version"], "data_version": reg["data_version"], "decision": decision,
-        "warm_start": warm_info, "window": window["window"] if window else None,
-        "gates": window["gates"] if window else None, "prepare": prep["uri"], "evaluate": ev["uri"]})
+    record_run(plan, run_cfg, reg, decision, warm_info, window, prep["uri"], ev["uri"])
     summary = report.run_summary(run_id, plan.name, s["model_name"], reg, decision, summaries,
                                  time.time() - t_flow, plan.run_date, warm_info, window)
     print(report.format_stages(summary["stages"]), flush=True)  # the log (and the flow run's logs) only

@@ -83,7 +83,7 @@ def _champion_models(mv: Any, model_name: str, tracking_uri: str) -> tuple[Any, 
     """(generator bundle, reward bundle or None, note) of a registered version."""
     from flows.tracking import load_bundle_from
     from tasks import object_store, storage
-    from tasks._data import load_bundle
+    from tasks.stage_io import load_bundle
 
     gen = load_bundle_from(f"models:/{model_name}/{mv.version}", tracking_uri)
     prefix = (mv.tags or {}).get("goalrank.storage_prefix")
@@ -121,7 +121,7 @@ def resolve_warm_start(prepared: str, out: str, config: GoalRankConfig, tracking
     from flows import registry
     from goalrank_core.partitions import parse_date
     from tasks import object_store, storage
-    from tasks._data import load_bundle, save_bundle
+    from tasks.stage_io import load_bundle, save_bundle
     from tasks.storage import run_stage
 
     prep = storage.read_manifest(prepared) or {}

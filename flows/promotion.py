@@ -132,7 +132,7 @@ def reevaluator(metric: str, model_name: str, tracking_uri: str, prepared: str, 
         from goalrank_core.metrics import evaluate_lists, evaluate_ope
         from goalrank_core.ranking import rank
         from goalrank_core.schemas import REQUESTS
-        from tasks._data import read_split
+        from tasks.stage_io import read_split
 
         bundle = tracking.load_bundle_from(f"models:/{model_name}/{champ.version}", tracking_uri)
         truth = read_split(prepared, "valid", "validation split", propensities=True)

@@ -196,6 +196,45 @@ def explicit_requests(raw: RawData, cfg: ProtocolConfig, chunk: int) -> tuple[di
 # ---------------------------------------------------------------- implicit feedback
 
 
+def _implicit_slates(retriever: Retriever, hist: list[np.ndarray], excl: list[np.ndarray], pos_items: np.ndarray,
+                     clicked: list[np.ndarray], n_pos: np.ndarray, cfg: ProtocolConfig,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chunk of implicit requests: (n, P) positives -> shown (n, L), labels (n, L), candidates (n, N).
+    Negatives are unclicked items among the first `negative_pool` eligible retrieved ones."""
+    n, L, P, k = len(pos_items), cfg.slate_len, cfg.implicit_positives, cfg.n_candidates - cfg.slate_len
+    ex = [np.concatenate([e, p[p >= 0]]) for e, p in zip(excl, pos_items)]
+    _, pool = _rank_union(retriever, hist, ex, pos_items, 0, pool=cfg.negative_pool + k + L)
+    rows = np.repeat(np.arange(n), [len(c) for c in clicked])
+    ever = np.isin(pool, -1)  # (n, T)
+    if len(rows):
+        key_pool = (np.arange(n)[:, None] * (retriever.item_ids.max() + 2) + pool + 1)
+        key_click = rows * (retriever.item_ids.max() + 2) + np.concatenate(clicked) + 1
+        ever |= np.isin(key_pool, key_click)
+    eligible = ~ever & (np.cumsum(~ever, axis=1) <= cfg.negative_pool)
+    draw = np.where(eligible, rng.random(pool.shape), np.inf)
+    pick = np.argsort(draw, axis=1, kind="stable")[:, : L]  # best L draws per row
+    n_neg = L - n_pos
+    take = (np.arange(L) < n_neg[:, None]) & np.isfinite(np.take_along_axis(draw, pick, 1))
+    negs = np.where(take, np.take_along_axis(pool, pick, 1), -1)  # (n, L)
+    slate = np.concatenate([pos_items, negs], axis=1)  # (n, P + L)
+    lab = np.concatenate([np.ones((n, P), np.float32), np.zeros((n, L), np.float32)], axis=1)
+    perm = np.argsort(np.where(slate >= 0, rng.random(slate.shape), np.inf), axis=1, kind="stable")[:, :L]
+    sl = np.take_along_axis(slate, perm, 1)
+    labels = np.where(sl >= 0, np.take_along_axis(lab, perm, 1), np.nan)
+    # Further candidates: the top retrieved items not shown (they may include future clicks: unlabelled).
+    chosen = np.zeros(pool.shape, bool)
+    np.put_along_axis(chosen, pick, take, axis=1)
+    rest = np.where(chosen | (pool < 0), -1, pool)
+    rest = np.take_along_axis(rest, np.argsort(rest < 0, axis=1, kind="stable"), 1)[:, :k]  # keep order, drop gaps
+    ids = np.concatenate([sl, rest], axis=1)
+    scores = retriever.score_items(hist, np.maximum(ids, 0))
+    pad = ids < 0
+    order = np.lexsort((ids, -np.where(pad, -np.inf, scores), pad), axis=-1)
+    cand = np.full((n, cfg.n_candidates), -1, np.int64)
+    cand[:, : ids.shape[1]] = np.take_along_axis(np.where(pad, -1, ids), order, 1)[:, : cfg.n_candidates]
+    return sl, labels, cand
+
+
 def implicit_requests(raw: RawData, cfg: ProtocolConfig, chunk: int) -> tuple[dict[str, pa.Table], dict]:
     """Amazon-Book has positives only, no ratings and no time. Per user, the train line's order
     stands in for time: it is cut into chunks of P = implicit_positives consecutive positives
@@ -257,37 +296,8 @@ def implicit_requests(raw: RawData, cfg: ProtocolConfig, chunk: int) -> tuple[di
     cand = np.full((len(ru), cfg.n_candidates), -1, np.int64)
     for a in range(0, len(ru), chunk):
         b = min(a + chunk, len(ru))
-        ex = [np.concatenate([e, p[p >= 0]]) for e, p in zip(excl[a:b], pos_items[a:b])]
-        _, pool = _rank_union(retriever, hist[a:b], ex, pos_items[a:b], 0, pool=cfg.negative_pool + k + L)
-        # Negatives: unclicked items among the first `negative_pool` eligible retrieved ones.
-        rows = np.repeat(np.arange(b - a), [len(c) for c in clicked[a:b]])
-        ever = np.isin(pool, -1)  # (b, T)
-        if len(rows):
-            key_pool = (np.arange(b - a)[:, None] * (retriever.item_ids.max() + 2) + pool + 1)
-            key_click = rows * (retriever.item_ids.max() + 2) + np.concatenate(clicked[a:b]) + 1
-            ever |= np.isin(key_pool, key_click)
-        eligible = ~ever & (np.cumsum(~ever, axis=1) <= cfg.negative_pool)
-        draw = np.where(eligible, rng.random(pool.shape), np.inf)
-        pick = np.argsort(draw, axis=1, kind="stable")[:, : L]  # best L draws per row
-        n_neg = L - n_pos[a:b]
-        take = (np.arange(L) < n_neg[:, None]) & np.isfinite(np.take_along_axis(draw, pick, 1))
-        negs = np.where(take, np.take_along_axis(pool, pick, 1), -1)  # (b, L)
-        slate = np.concatenate([pos_items[a:b], negs], axis=1)  # (b, P + L)
-        lab = np.concatenate([np.ones((b - a, P), np.float32), np.zeros((b - a, L), np.float32)], axis=1)
-        perm = np.argsort(np.where(slate >= 0, rng.random(slate.shape), np.inf), axis=1, kind="stable")[:, :L]
-        sl = np.take_along_axis(slate, perm, 1)
-        shown[a:b] = sl
-        labels[a:b] = np.where(sl >= 0, np.take_along_axis(lab, perm, 1), np.nan)
-        # Further candidates: the top retrieved items not shown (they may include future clicks: unlabelled).
-        chosen = np.zeros(pool.shape, bool)
-        np.put_along_axis(chosen, pick, take, axis=1)
-        rest = np.where(chosen | (pool < 0), -1, pool)
-        rest = np.take_along_axis(rest, np.argsort(rest < 0, axis=1, kind="stable"), 1)[:, :k]  # keep order, drop gaps
-        ids = np.concatenate([sl, rest], axis=1)
-        scores = retriever.score_items(hist[a:b], np.maximum(ids, 0))
-        pad = ids < 0
-        order = np.lexsort((ids, -np.where(pad, -np.inf, scores), pad), axis=-1)
-        cand[a:b, : ids.shape[1]] = np.take_along_axis(np.where(pad, -1, ids), order, 1)[:, : cfg.n_candidates]
+        shown[a:b], labels[a:b], cand[a:b] = _implicit_slates(retriever, hist[a:b], excl[a:b], pos_items[a:b],
+                                                              clicked[a:b], n_pos[a:b], cfg, rng)
     cand, tail_share = _shuffle_rows(cand, shown, rng)
     tables = _table(users[ru], rs, t[np.minimum(ev0, len(t) - 1)], h_flat, h_off, cand, shown, labels, split_of)
     stats = dict(users=int(ok.sum()), items=int(len(np.unique(i[ok[user_idx]]))), events=int(ok[user_idx].sum()),

@@ -15,8 +15,8 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import CANDIDATE_GROUPS
 from tasks import object_store, storage
-from tasks._data import batch_seed, device, load_bundle, read_dataset, write_dataset
-from tasks._groups import positions_to_rows
+from tasks.stage_io import batch_seed, device, load_bundle, read_dataset, write_dataset
+from tasks.group_rows import positions_to_rows
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 

@@ -16,7 +16,7 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import METRICS, OPE, RANKED
 from tasks import object_store, storage
-from tasks._data import batch_seed, device, in_order, load_bundle, read_dataset, read_split
+from tasks.stage_io import batch_seed, device, in_order, load_bundle, read_dataset, read_split
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 

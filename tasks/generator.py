@@ -14,9 +14,9 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import object_store, storage
-from tasks._data import load_bundle, read_split
-from tasks._groups import RequestIndex, groups_to_positions, padded_values
-from tasks._train import TrainSpec, train_and_save
+from tasks.stage_io import load_bundle, read_split
+from tasks.group_rows import RequestIndex, groups_to_positions, padded_values
+from tasks.ray_train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray
 from tasks.storage import StageResult, run_stage, stage_fingerprint
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import object_store, storage
-from tasks._data import load_bundle, read_split, save_bundle
-from tasks._memory import self_peak_mb
+from tasks.stage_io import load_bundle, read_split, save_bundle
+from tasks.memory import self_peak_mb
 from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage
 

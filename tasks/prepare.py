@@ -23,7 +23,7 @@ from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import DataValidationError, GoalRankInputError
 from goalrank_core.schemas import IMPRESSIONS, ITEMS, PROPENSITY_COLUMNS, conform, prepared_schema
 from tasks import object_store, storage
-from tasks._data import save_bundle, write_dataset
+from tasks.stage_io import save_bundle, write_dataset
 from tasks.ray_runtime import ensure_ray
 from tasks.storage import StageResult, run_stage
 

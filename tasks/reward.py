@@ -31,8 +31,8 @@ from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError
 from goalrank_core.schemas import IMPRESSIONS
 from tasks import object_store, storage
-from tasks._data import load_bundle, read_split
-from tasks._train import TrainSpec, train_and_save
+from tasks.stage_io import load_bundle, read_split
+from tasks.ray_train import TrainSpec, train_and_save
 from tasks.ray_runtime import ensure_ray, task_cpus
 from tasks.storage import StageResult, run_stage, stage_fingerprint
 
@@ -62,7 +62,7 @@ def _proposals(prepared: str, policies: str, config_dict: dict, threads: int) ->
     from goalrank_core.fit import proposer_lists
     from goalrank_core.policy_registry import build_auxiliary
     from goalrank_core.ranking import policy_resources
-    from tasks._data import device
+    from tasks.stage_io import device
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, threads))

@@ -21,8 +21,8 @@ import torch
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
 from tasks import object_store, storage
-from tasks._data import device, load_bundle, read_dataset, write_dataset
-from tasks._groups import RequestIndex, groups_to_positions, masked_lists
+from tasks.stage_io import device, load_bundle, read_dataset, write_dataset
+from tasks.group_rows import RequestIndex, groups_to_positions, masked_lists
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 
@@ -70,7 +70,7 @@ class Scorer:
 
 
 def actor_timing(ops: dict[str, dict], actors: int, rows: int, t0: float) -> dict:
-    """The Scorer operator's numbers from Ray Data's stats (tasks._data.operator_stats):
+    """The Scorer operator's numbers from Ray Data's stats (tasks.stage_io.operator_stats):
     `busy_s` runs from its first batch's start to its last batch's end, so actor start-up,
     the read and the write fall outside it; `first_batch_at_s` / `last_batch_end_s` place
     that span on the stage body's clock (started at perf_counter `t0`)."""

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from goalrank_core.schemas import conform
-from tasks._memory import PeakMemory
+from tasks.memory import PeakMemory
 from tasks.object_store import StorageError, delete, exists, filesystem, join, normalize, parent, read_json, write_json
 
 MANIFEST = "_manifest.json"

@@ -77,16 +77,25 @@ def _manifest(uri):
     return read_manifest(uri)
 
 
-@pytest.mark.slow  # two whole daily runs on Ray (~4-8 min); `make test-slow` runs it
-def test_window_new_partition_and_warm_start(daily):
+@pytest.fixture(scope="module")
+def two_dates(daily):
+    """Two whole daily runs (~4-8 min on Ray): 2023-11-19 cold, then a day lands and 2023-11-20
+    starts warm from the first run's champion. Shared by the slow tests that build on them."""
+    first = _run(daily, "2023-11-19")
+    _land(daily["impressions"], date(2023, 11, 19))
+    return first, _run(daily, "2023-11-20")
+
+
+@pytest.mark.slow  # two whole daily runs on Ray; `make test-slow` runs it
+def test_window_new_partition_and_warm_start(daily, two_dates):
     import numpy as np
     from mlflow import MlflowClient
 
-    from tasks._data import load_bundle
     from tasks.object_store import join
+    from tasks.stage_io import load_bundle
 
     client = MlflowClient(daily["tracking_uri"])
-    first = _run(daily, "2023-11-19")
+    first, second = two_dates
     assert first["run_id"] == "2023-11-19"  # a dated run's id is its date
     prep1 = _manifest(_stage(first, "prepare")["uri"])
     assert prep1["partitions"] == ["date=2023-11-16", "date=2023-11-17", "date=2023-11-18"]  # not 11-15, not 11-30
@@ -97,9 +106,7 @@ def test_window_new_partition_and_warm_start(daily):
     rew1 = _manifest(_stage(first, "train_reward_model")["uri"])
     assert len(rew1["training"]["epochs"]) == 2 and "init" not in rew1["inputs"]
 
-    # A day lands; the run for the next date reads the shifted window and starts from the champion.
-    _land(daily["impressions"], date(2023, 11, 19))
-    second = _run(daily, "2023-11-20")
+    # A day landed; the run for the next date read the shifted window and started from the champion.
     prep2 = _manifest(_stage(second, "prepare")["uri"])
     assert prep2["partitions"] == ["date=2023-11-17", "date=2023-11-18", "date=2023-11-19"]
     assert prep2["fingerprint"] != prep1["fingerprint"] and second["data_version"] != first["data_version"]
@@ -135,20 +142,35 @@ def test_window_new_partition_and_warm_start(daily):
     assert again["warm_start"]["version"] == "1"
 
 
+@pytest.fixture(scope="module")
+def gated(daily, tmp_path_factory):
+    """The daily world under its own registered model whose `champion` alias already points at a
+    version (registered here from a folder, not trained: the gates must stop a bad day before any
+    model is loaded), so "champion untouched" is checked under `make test` too."""
+    from mlflow import MlflowClient
+
+    name = f"{daily['model_name']}-gates"
+    client = MlflowClient(daily["tracking_uri"])
+    folder = tmp_path_factory.mktemp("champion-model")
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=str(folder)).version
+    client.set_registered_model_alias(name, "champion", version)
+    return {**daily, "model_name": name, "champion": version}
+
+
 @pytest.mark.parametrize("case", ["truncated", "empty", "no-positives", "missing"])
-def test_bad_partition_stops_before_training_champion_untouched(daily, case):
+def test_bad_partition_stops_before_training_champion_untouched(gated, case):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
     from goalrank_core.gates import DataGateError, MissingPartitionError
 
+    daily = gated
     client = MlflowClient(daily["tracking_uri"])
-    try:
-        champ = client.get_model_version_by_alias(daily["model_name"], "champion").version
-    except Exception:  # noqa: BLE001 - no champion yet when run alone
-        champ = None
     n_versions = len(client.search_model_versions(f"name = '{daily['model_name']}'"))
+    assert n_versions == 1
     day = date(2023, 11, 25)  # D - 1 of run date 11-26; 11-22 .. 11-24 train
     for k in (22, 23, 24):
         _land(daily["impressions"], date(2023, 11, k))
@@ -175,23 +197,20 @@ def test_bad_partition_stops_before_training_champion_untouched(daily, case):
         # Nothing trained, written, registered or promoted.
         assert not os.path.exists(os.path.join(daily["storage"], "impressions", "2023-11-26"))
         assert len(client.search_model_versions(f"name = '{daily['model_name']}'")) == n_versions
-        if champ is not None:
-            assert client.get_model_version_by_alias(daily["model_name"], "champion").version == champ
+        assert client.get_model_version_by_alias(daily["model_name"], "champion").version == daily["champion"]
     finally:
         import shutil
 
         shutil.rmtree(part, ignore_errors=True)
 
 
-@pytest.mark.slow  # builds on the slow window test's two completed dates
-def test_backfill_skips_completed_dates(daily, prefect_harness, monkeypatch, capsys):
+@pytest.mark.slow  # builds on the two completed dates (run here when the window test did not)
+def test_backfill_skips_completed_dates(daily, two_dates, prefect_harness, monkeypatch, capsys):
     from flows.backfill import backfill
     from goalrank.cli import main
 
-    done = [d for d in ("2023-11-19", "2023-11-20")
-            if _manifest(os.path.join(daily["storage"], "impressions", d, "registry"))]
-    if len(done) < 2:
-        pytest.skip("needs test_window_new_partition_and_warm_start to have completed both dates")
+    assert all(_manifest(os.path.join(daily["storage"], "impressions", d, "registry"))
+               for d in ("2023-11-19", "2023-11-20"))
 
     def no_flow(**kw):
         raise AssertionError(f"backfill started a flow for a completed date: {kw.get('run_date')}")

@@ -84,7 +84,9 @@ def test_daily_flow_through_real_servers(tmp_path):
                 for o in page.get("Contents", [])]
         manifests = [k for k in keys if k.endswith("_manifest.json")]
         stages = {k.split("/")[-2] for k in manifests}
-        assert {"prepare", "reward_model", "evaluate"} <= stages or len(manifests) >= 6, sorted(manifests)
+        expected = {"prepare", "policies", "reward_model", "candidates_r1", "scored_r1", "generator_r1", "evaluate",
+                    "registry"}  # one round (TINY_OVERRIDES); the run record last
+        assert expected <= stages, sorted(manifests)
         assert any(k.endswith(".parquet") and "/e2e-1/" in k for k in keys)
 
         # MLflow: the version, its challenger and champion aliases, and its artifact in S3.

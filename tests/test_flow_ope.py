@@ -60,7 +60,7 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     from flows import daily_ops
     from goalrank_core.schemas import OPE
     from tasks import object_store, storage
-    from tasks._data import read_split
+    from tasks.stage_io import read_split
 
     d = first["decision"]
     assert d["metric"] == "ope:snips" and d["promoted"] and d["reason"] == "no champion yet"

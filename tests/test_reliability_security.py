@@ -108,12 +108,12 @@ def test_a_pickled_payload_in_a_model_folder_is_refused_and_never_runs(bundle_di
 
 
 def test_a_pickled_payload_as_a_training_checkpoint_is_refused(tmp_path):
-    """Ray Train checkpoints (tasks._train) are read with weights_only=True as well."""
+    """Ray Train checkpoints (tasks.ray_train) are read with weights_only=True as well."""
     import pickle
 
     from ray.train import Checkpoint
 
-    from tasks._train import load_checkpoint
+    from tasks.ray_train import load_checkpoint
 
     d = tmp_path / "ckpt"
     d.mkdir()

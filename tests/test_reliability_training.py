@@ -34,7 +34,7 @@ class CrashOnceSpec(GeneratorSpec):
     def setup(self, rank: int):
         import ray.train
 
-        from tasks._train import load_checkpoint
+        from tasks.ray_train import load_checkpoint
 
         state = load_checkpoint(ray.train.get_checkpoint())
         self._epoch = state["epoch"] if state else 0  # the epoch this worker resumes after

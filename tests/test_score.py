@@ -11,7 +11,7 @@ import torch
 from gr_helpers import synth_tables, tiny_config
 from goalrank_core.errors import GoalRankInputError
 from goalrank_core.schemas import CANDIDATE_GROUPS, IMPRESSIONS, SCORED_GROUPS
-from tasks._groups import RequestIndex, groups_to_positions, masked_lists, padded_values
+from tasks.group_rows import RequestIndex, groups_to_positions, masked_lists, padded_values
 
 GROUPS = CANDIDATE_GROUPS.field("lists").type
 
@@ -149,7 +149,7 @@ def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_se
     rows are `score_batch`'s in input order (whichever actor finished first: the next stage's
     batches, and so a flow's results, depend on it), and the manifest keeps the actors' timing."""
     from tasks import object_store, storage
-    from tasks._data import save_bundle
+    from tasks.stage_io import save_bundle
     from tasks.ray_runtime import pool_size
     from tasks.score import score, score_batch
     from tasks.stages import stage_uri
@@ -216,7 +216,7 @@ def test_env_flag_reads_on_off_switches(monkeypatch, raw, default, want):
 
 def test_env_flag_refuses_a_value_that_is_not_a_switch(monkeypatch):
     from goalrank_core.errors import ConfigError
-    from tasks._data import ordered
+    from tasks.stage_io import ordered
 
     monkeypatch.setenv("GOALRANK_DATA_ORDERED", "sometimes")
     with pytest.raises(ConfigError, match=r"GOALRANK_DATA_ORDERED='sometimes' is not an on/off switch"):

@@ -109,7 +109,7 @@ def test_data_source_needs_exactly_one_input():
 def test_write_dataset_validates_and_overwrites(ray_session, tmp_path):
     import ray.data
 
-    from tasks._data import count_rows, write_dataset
+    from tasks.stage_io import count_rows, write_dataset
 
     uri = str(tmp_path / "ranked")
     good = pa.table({"request_id": ["a", "b", "c"], "ranked": [[1, 2], [3, 4], [5, 6]]})
@@ -160,7 +160,7 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path, caps
     assert (t["train"]["rows"], t["valid"]["rows"], t["test"]["rows"]) == (6, 3, 3)  # time split; ties move cuts
     assert "['clicks'] are validated where known but not carried" in capsys.readouterr().out
     # The logging propensities reach valid and test (off-policy estimates), conformed on read; train is the contract.
-    from tasks._data import read_split
+    from tasks.stage_io import read_split
 
     out = str(tmp_path / "out")
     assert t["train"]["schema"] == {f.name: str(f.type) for f in IMPRESSIONS} and "propensity" in t["valid"]["schema"]
@@ -184,7 +184,7 @@ def test_prepare_reads_and_validates_impression_logs(ray_session, tmp_path, caps
 
 def test_group_positions_round_trip():
     from goalrank_core.batch import Vocab, encode_requests
-    from tasks._groups import groups_to_positions, positions_to_rows
+    from tasks.group_rows import groups_to_positions, positions_to_rows
 
     t = pa.Table.from_pylist([
         {"request_id": "a", "user_id": 1, "timestamp": 0, "history": [9], "candidates": [5, 6, 7, 8],

@@ -57,7 +57,7 @@ def test_reward_stage_uses_the_in_process_proposals_and_valid_measure(stages):
     from goalrank_core.ranking import policy_resources
     from goalrank_core.trainer import mean_reward_loss
     from tasks import object_store, storage
-    from tasks._data import load_bundle
+    from tasks.stage_io import load_bundle
     from tasks.reward import PROPOSALS, _proposals
 
     cfg, prep, pol, rew = stages["cfg"], stages["prepare"], stages["policies"], stages["reward"]
@@ -139,7 +139,7 @@ def test_reward_stage_reruns_skip_and_warm_start_from_init(stages):
 @pytest.mark.ray
 def test_reward_worker_starts_from_the_supervised_generator_as_fit_does(stages):
     from tasks import object_store
-    from tasks._data import load_bundle
+    from tasks.stage_io import load_bundle
     from tasks.reward import RewardSpec
 
     prep, pol = stages["prepare"], stages["policies"]

@@ -222,7 +222,7 @@ def test_write_dataset_keeps_input_order_across_actors_and_in_each_part(ray_sess
     part), and the folder holds nothing else (a part from an earlier write is removed)."""
     import ray.data
 
-    from tasks._data import write_dataset
+    from tasks.stage_io import write_dataset
 
     class Jitter:  # defined here: Ray pickles it by value (workers cannot import test modules)
         """Returns its batch after a random pause, so batches finish out of order."""
@@ -254,7 +254,7 @@ def test_write_dataset_keeps_input_order_across_actors_and_in_each_part(ray_sess
 def test_in_order_follows_goalrank_data_ordered(ray_session, monkeypatch):
     import ray.data
 
-    from tasks._data import in_order
+    from tasks.stage_io import in_order
 
     monkeypatch.delenv("GOALRANK_DATA_ORDERED", raising=False)
     assert in_order(ray.data.range(3)).context.execution_options.preserve_order is True

@@ -150,12 +150,6 @@ def count_rows(uri: str) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
 
 
-def table_to_folder(table: pa.Table, uri: str, schema: pa.Schema, what: str) -> dict:
-    """Small tables written from the driver: validated, one part. -> manifest entry."""
-    rows = storage.write_table(table, uri, schema, what)
-    return storage.table_entry(schema, rows)
-
-
 def load_bundle(uri: str, what: str, map_location: str = "cpu") -> Any:
     """A ModelBundle saved by a completed stage at `uri` (a folder holding bundle.json)."""
     from goalrank_core.bundle import ModelBundle

@@ -20,8 +20,8 @@ from torch import nn
 
 from goalrank_core.config import GoalRankConfig
 from tasks import object_store
-from tasks._data import load_bundle, read_dataset, save_bundle
-from tasks._memory import self_peak_mb
+from tasks.stage_io import load_bundle, read_dataset, save_bundle
+from tasks.memory import self_peak_mb
 
 
 def max_failures_default() -> int:
