@@ -65,6 +65,14 @@ def percentiles(samples_s: list[float] | np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------- provenance
 
 
+def this_tree_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH: a benchmark's subprocesses (and the Ray
+    workers they start) run the code whose commit the result file records, even when the
+    virtual environment's editable install points at another checkout."""
+    paths = [str(ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def git_info() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Recorder, table
+from bench.common import Recorder, table, this_tree_env
 
 _PAGE_MB = (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096) / 2**20
 STAGE_ORDER = ["prepare", "policies", "reward", "candidates", "score", "generator", "evaluate"]
@@ -98,6 +98,7 @@ def run_flow(source: list[str], sets: list[str], work: Path, run_id: str, timeou
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
                RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TQDM_DISABLE="1")
     env.pop("PREFECT_API_URL", None)
+    env = this_tree_env(env)
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

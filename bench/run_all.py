@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Recorder, table
+from bench.common import ROOT, Recorder, table, this_tree_env
 
 # name -> (module, time limit in seconds: quick, full). Order: cheapest evidence first.
 BENCHMARKS = {
@@ -40,7 +40,7 @@ def child_env() -> dict[str, str]:
     for k, v in (("RAY_AUTH_MODE", "disabled"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
                  ("RAY_USAGE_STATS_ENABLED", "0"), ("TQDM_MININTERVAL", "5"), ("PYTHONUNBUFFERED", "1")):
         env.setdefault(k, v)
-    return env
+    return this_tree_env(env)
 
 
 def run_one(name: str, mode: str, log_dir: Path) -> dict:

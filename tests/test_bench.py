@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -238,3 +239,18 @@ def test_pipeline_cost_metrics_table_lists_every_policy_best_ndcg_first():
     t = metrics_table("Test split", rows)
     assert t["columns"] == ["policy", "hr@6", "ndcg@6"]
     assert t["rows"] == [["goalrank", "0.5800", "0.5400"], ["dnn", "0.4700", "0.4600"], ["random", "0.1000", "0.0900"]]
+
+
+def test_benchmark_subprocesses_run_this_checkout(tmp_path):
+    """A result file records this tree's commit, so the `goalrank run` a benchmark starts (and
+    its Ray workers) must import this tree, not the checkout an editable install points at."""
+    import subprocess
+    import sys
+
+    from bench.common import ROOT, this_tree_env
+
+    env = this_tree_env({"PYTHONPATH": "/elsewhere", "PATH": os.environ.get("PATH", "")})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+    out = subprocess.run([sys.executable, "-c", "import tasks; print(tasks.__file__)"], cwd=tmp_path,
+                         env=this_tree_env(dict(os.environ)), capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(ROOT / "tasks" / "__init__.py")
