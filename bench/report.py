@@ -223,7 +223,17 @@ def render_readme_results(results: list[dict]) -> list[str]:
         for t in doc.get("tables") or []:
             if any(str(t["title"]).startswith(pre) for pre in prefixes):
                 lines += [f"*{_cell(t['title'])}*", ""] + md_table(t["columns"], t["rows"]) + [""]
+        lines += console_lines(doc)
     return lines + [README_END]
+
+
+def console_lines(doc: dict) -> list[str]:
+    """A pipeline_cost run's console measure (issue 18): lines on the terminal and in the log file."""
+    runs = (doc.get("data") or {}).get("runs") or {} if doc.get("benchmark") == "pipeline_cost" else {}
+    out = [f"*Console of the {name} run*: {r['console_lines']} lines on the terminal, "
+           f"{r['log_file_lines']} in the run's log file." for name, r in sorted(runs.items())
+           if isinstance(r, dict) and "console_lines" in r]
+    return out + [""] if out else []
 
 
 def write_readme_results(results: list[dict], readme: Path = README) -> bool:

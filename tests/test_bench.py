@@ -254,3 +254,13 @@ def test_benchmark_subprocesses_run_this_checkout(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import tasks; print(tasks.__file__)"], cwd=tmp_path,
                          env=this_tree_env(dict(os.environ)), capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(ROOT / "tasks" / "__init__.py")
+
+
+def test_readme_quotes_the_pipeline_runs_console_line_counts():
+    from bench import report
+
+    doc = {"benchmark": "pipeline_cost", "data": {"runs": {"ml-100k": {"console_lines": 49, "log_file_lines": 455},
+                                                           "synth": {"wall_s": 3.0}}}}
+    assert report.console_lines(doc) == [
+        "*Console of the ml-100k run*: 49 lines on the terminal, 455 in the run's log file.", ""]
+    assert report.console_lines({**doc, "benchmark": "simulator"}) == []

@@ -300,3 +300,16 @@ def test_mlflow_ui_shows_aliases_and_metrics(browser, stack, mlflow_ui):
     text = _wait_text(d, "ndcg_at_", timeout=60)  # metrics are `{split}.{policy}.{metric}`, "@" -> "_at_"
     _shot(d, "mlflow-2-run-metrics.png")
     assert "valid." in text and "test." in text
+
+    # The logged plots: listed under the run's artifacts and drawn by the UI's image viewer.
+    plots = {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
+    assert "training_curves.png" in plots, plots
+    d.get(f"{mlflow_ui}/#/experiments/{exp}/runs/{run_id}/artifacts/plots/training_curves.png")
+    _dismiss_dialogs(d)
+    _wait_text(d, "training_curves.png")
+    deadline = time.time() + 60
+    while not d.execute_script(
+            "return [...document.images].some(i => i.complete && i.naturalWidth > 300)"):  # the logo is smaller
+        assert time.time() < deadline, f"the training-curves plot is not drawn on {d.current_url}"
+        time.sleep(1)
+    _shot(d, "mlflow-3-run-plots.png")
