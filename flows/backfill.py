@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any, Callable
 
-from flows.daily import dataset_name, flow_settings, goalrank_daily, resolve_config
+from flows.daily import dataset_name, flow_settings, goalrank_daily, run_config
 from flows.daily_ops import completed
 
 
@@ -16,7 +16,7 @@ def backfill(dates: list[date], params: dict[str, Any], run: Callable[..., dict]
     first failure (later days would warm-start from, and be compared with, a history that has
     a hole). -> one row per date."""
     run = goalrank_daily if run is None else run
-    cfg = resolve_config(params.get("config"), params.get("overrides"))
+    cfg = run_config(params.get("config"), params.get("overrides"), params.get("dataset"))  # as the run records it
     s = flow_settings(storage=params.get("storage"), tracking_uri=params.get("tracking_uri"),
                       experiment=params.get("experiment"), model_name=params.get("model_name"),
                       data_dir=params.get("data_dir"))

@@ -56,6 +56,13 @@ def resolve_config(config: dict | None, overrides: dict | None) -> GoalRankConfi
     return cfg.override(dict(overrides or {})) if overrides else cfg
 
 
+def run_config(config: dict | None, overrides: dict | None, dataset: str | None) -> GoalRankConfig:
+    """The config a run trains with, and whose hash its run record keeps (backfill compares it):
+    reward.unshown auto -> negative for a named data set (built from what users chose), unknown
+    for impression logs (what a system showed)."""
+    return resolve_config(config, overrides).for_source("interactions" if dataset else "impressions")
+
+
 def dataset_name(dataset: str | None, impressions: str | None) -> str:
     if dataset:
         return dataset
@@ -81,9 +88,7 @@ def check_parameters(dataset: str | None, impressions: str | None, settings: dic
     """Every parameter checked before anything is written; a bad one is a GoalRankInputError."""
     if (dataset is None) == (impressions is None):
         raise ConfigError("give exactly one of dataset or impressions")
-    # reward.unshown: auto -> negative for a named data set (built from what users chose),
-    # unknown for impression logs (what a system showed).
-    cfg = resolve_config(config, overrides).for_source("interactions" if dataset else "impressions")
+    cfg = run_config(config, overrides, dataset)
     if cfg.group.search_lists:  # refused, not ignored: the stages build groups without it
         raise ConfigError("group.search_lists is supported by the in-process fit (goalrank fit) only, "
                           "not yet by the daily flow's stages")

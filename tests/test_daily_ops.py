@@ -251,3 +251,26 @@ def test_backfill_three_days_then_nothing(tmp_path, prefect_harness, ray_session
     assert backfill(days, _params(w), run=None) == [{"date": d.isoformat(), "ran": False, "version": v}
                                                      for d, v in zip(days, ["1", "2", "3"])]
     assert len(MlflowClient(w["tracking_uri"]).search_model_versions(f"name = '{w['model_name']}'")) == 3
+
+
+def test_backfill_skips_a_date_whose_record_the_flow_wrote(tmp_path):
+    """The record the flow writes (its resolved config's hash: reward.unshown auto resolved for
+    the source) is the one backfill compares with; before, backfill hashed the unresolved config
+    and re-ran every completed date."""
+    from flows.backfill import backfill
+    from flows.daily import check_parameters, flow_settings, record_run
+
+    params = dict(impressions=str(tmp_path / "impressions"), storage=str(tmp_path / "storage"),
+                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", overrides={"group.size": 5})
+    settings = flow_settings(storage=params["storage"], tracking_uri=params["tracking_uri"])
+    plan = check_parameters(None, params["impressions"], settings, None, params["overrides"], "2023-11-19", None, None)
+    assert plan.cfg.reward.unshown != "auto"  # resolved for impression logs
+    record_run(plan, plan.cfg, {"version": "4", "data_version": "d"}, {"promoted": True}, {}, None, "p", "e")
+
+    def no_flow(**kw):
+        raise AssertionError(f"backfill started a flow for a completed date: {kw.get('run_date')}")
+
+    assert backfill([date(2023, 11, 19)], params, run=no_flow) == [{"date": "2023-11-19", "ran": False, "version": "4"}]
+    other = backfill([date(2023, 11, 19)], {**params, "overrides": {"group.size": 6}},
+                     run=lambda **kw: {"registered_version": "5"})
+    assert other[0]["ran"] and other[0]["version"] == "5"
