@@ -254,6 +254,9 @@ def worker_loop(loop_config: dict) -> None:
         meter.start()
         # Seeded per (epoch, rank): a resumed run draws what an uninterrupted one would.
         gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + epoch * 101 + rank)
+        # Dropout draws from torch's global generator: seeded per (epoch, rank) as well, or a run
+        # resumed after epoch e would train epoch e + 1 with other masks than an uninterrupted one.
+        torch.manual_seed((cfg.seed * 7919 + epoch * 101 + rank) * 2 + 1)
         for table in epoch_batches(rows, cfg.batch_size, cfg.seed, epoch, rank):
             args = spec.batch_args(table, dev, gen)
             loss = ddp(*args)
