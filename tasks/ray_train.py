@@ -252,11 +252,12 @@ def worker_loop(loop_config: dict) -> None:
     for epoch in range(start, spec.epochs + 1):
         ddp.train()
         meter.start()
-        # Seeded per (epoch, rank): a resumed run draws what an uninterrupted one would.
-        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + epoch * 101 + rank)
-        # Dropout draws from torch's global generator: seeded per (epoch, rank) as well, or a run
-        # resumed after epoch e would train epoch e + 1 with other masks than an uninterrupted one.
-        torch.manual_seed((cfg.seed * 7919 + epoch * 101 + rank) * 2 + 1)
+        # Seeded per (epoch, rank): a resumed run draws what an uninterrupted one would. Sampling
+        # uses `gen`; dropout draws from torch's global generator, seeded from the same number, or
+        # a run resumed after epoch e would train epoch e + 1 with other masks.
+        epoch_seed = cfg.seed * 7919 + epoch * 101 + rank
+        gen = torch.Generator(device=dev).manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed * 2 + 1)
         for table in epoch_batches(rows, cfg.batch_size, cfg.seed, epoch, rank):
             args = spec.batch_args(table, dev, gen)
             loss = ddp(*args)
