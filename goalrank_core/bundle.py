@@ -58,14 +58,14 @@ def register_model_kind(kind: str, factory: ModelFactory) -> None:
 def _generator(cfg: GoalRankConfig, d: Dims) -> nn.Module:
     from goalrank_core.generator import GoalRankGenerator
 
-    return GoalRankGenerator(cfg.generator, d.n_items, d.n_users, d.n_categories, d.slate_len)
+    return GoalRankGenerator(cfg.generator, d.n_items, d.n_users, d.n_categories, d.slate_len, cfg.policies.emb_dim)
 
 
 def _reward(cfg: GoalRankConfig, d: Dims) -> nn.Module:
     from goalrank_core.reward_model import CrossFitReward, RewardModel
 
     cls = CrossFitReward if cfg.reward.folds > 1 else RewardModel
-    return cls(cfg.reward, d.n_items, d.n_users, d.n_categories, d.slate_len)
+    return cls(cfg.reward, d.n_items, d.n_users, d.n_categories, d.slate_len, cfg.policies.emb_dim)
 
 
 def _pointwise(cfg: GoalRankConfig, d: Dims) -> nn.Module:

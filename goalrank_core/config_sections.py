@@ -85,6 +85,9 @@ class GeneratorConfig:
     dropout: float = _help("dropout in the encoder", 0.1)
     ff_mult: int = _help("feed-forward width as a multiple of d_model", 2)
     decoder_layers: int = _help("causal Transformer layers over the items already chosen", 1)
+    item_features: bool = _help(
+        "add each candidate's collaborative statistics (as reward.item_features: similarity to the user's "
+        "history in the low-rank item space, log popularity, CTR) to its embedding", True)
 
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "generator.ff_mult", f"must be >= 1, got {self.ff_mult}")
@@ -139,6 +142,11 @@ class RewardConfig:
     causal: bool = _help(
         "the list encoder lets item p attend to the user and the items above it only (a top-down "
         "reader, as click models assume); false: every item of the list", True)
+    item_features: bool = _help(
+        "give each candidate the heuristic policies' collaborative statistics (similarity to the user's "
+        "history in the low-rank item space of all training positives, log popularity, CTR) as inputs of "
+        "its vector and its click logit: the logged lists label only L items per request, these summarise "
+        "every training positive, so unshown candidates are judged from more than an id embedding", True)
     folds: int = _help(
         "cross-fitting: K reward models, member k trained on the training requests outside fold k "
         "(a hash of request_id); a training request's group is scored by the member that never saw "

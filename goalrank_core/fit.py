@@ -32,6 +32,7 @@ from goalrank_core.group import dcg_weights, dedup_lists, reference_policy
 from goalrank_core.policies import fit_heuristics, propose_all
 from goalrank_core.policy_registry import build_auxiliary
 from goalrank_core.ranking import policy_resources
+from goalrank_core.layers import set_item_features
 from goalrank_core.reward_model import can_init_from, init_from_generator
 from goalrank_core.search import greedy_search
 from goalrank_core.trainer import (Groups, Log, batch_folds, iterate_batches, log_labels, set_seed, train_generator_group,
@@ -133,6 +134,7 @@ def fit_policies(bundle: ModelBundle, train: EncodedRequests, valid: EncodedRequ
         bundle.add(name, name, model)
     set_seed(cfg.train.seed)
     sup = bundle.build("generator")
+    item_features(sup, bundle, log)
     train_generator_supervised(train, valid, sup, cfg.train, log)
     bundle.add("supervised", "generator", sup)
 
@@ -159,9 +161,21 @@ def proposer_lists(data: EncodedRequests, policies: list, generator: nn.Module |
     return Proposals(np.concatenate(lists_out), np.concatenate(pids_out), names)
 
 
+def item_features(model: nn.Module, bundle: ModelBundle, log: Log = print) -> bool:
+    """Copy the bundle's heuristic statistics into `model`'s item features (a reward model with
+    `reward.item_features`, a generator with `generator.item_features`). -> whether it did."""
+    stats = {k[len("stats."):]: v for k, v in bundle.tensors.items() if k.startswith("stats.")}
+    if stats and set_item_features(model, stats["popularity"], stats["ctr"], stats["item_emb"]):
+        log(f"{type(model).__name__}: item features from the heuristic statistics")
+        return True
+    return False
+
+
 def init_reward(reward: nn.Module, bundle: ModelBundle, log: Log = print) -> bool:
-    """With `reward.init_from_supervised`, start `reward` from the bundle's supervised
-    generator when it has one of matching shape. -> whether it did."""
+    """Give `reward` the bundle's heuristic statistics as item features (`reward.item_features`)
+    and, with `reward.init_from_supervised`, start it from the bundle's supervised generator
+    when it has one of matching shape. -> whether it started from that generator."""
+    item_features(reward, bundle, log)
     sup = bundle.models.get("supervised")
     if not bundle.config.reward.init_from_supervised or sup is None:
         return False

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config_sections import GeneratorConfig
-from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
+from goalrank_core.layers import N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions, transformer
 
 
 class Encoded(NamedTuple):
@@ -39,11 +39,15 @@ class Encoded(NamedTuple):
 
 
 class GoalRankGenerator(nn.Module):
-    def __init__(self, cfg: GeneratorConfig, n_items: int, n_users: int, n_categories: int, slate_len: int):
+    def __init__(self, cfg: GeneratorConfig, n_items: int, n_users: int, n_categories: int, slate_len: int,
+                 feature_dim: int = 32):
         super().__init__()
         d = cfg.d_model
         self.cfg, self.slate_len = cfg, slate_len
         self.embed = RequestEmbedder(d, n_items, n_users, n_categories, cfg.dropout)
+        # Collaborative statistics per candidate (layers.ItemFeatures), added to its embedding.
+        self.features = ItemFeatures(n_items, feature_dim) if cfg.item_features else None
+        self.feat_in = nn.Linear(N_ITEM_FEATURES, d) if cfg.item_features else None
         self.encoder = transformer(d, cfg.n_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
         self.decoder = transformer(d, cfg.decoder_layers, cfg.n_heads, cfg.ff_mult, cfg.dropout)
         self.pos = nn.Embedding(slate_len + 1, d)
@@ -59,6 +63,8 @@ class GoalRankGenerator(nn.Module):
 
     def encode(self, batch: RequestBatch) -> Encoded:
         user, cand = self.embed(batch)  # (B, d), (B, N, d)
+        if self.features is not None:
+            cand = cand + self.feat_in(self.features(batch))  # (B, N, d)
         x = torch.cat([user[:, None, :], cand], dim=1)  # (B, 1 + N, d)
         pad = torch.cat([torch.zeros_like(batch.cand_mask[:, :1]), ~batch.cand_mask], dim=1)  # (B, 1 + N)
         h = self.encoder(x, src_key_padding_mask=pad)  # (B, 1 + N, d)

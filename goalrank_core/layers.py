@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from goalrank_core.batch import PAD, UNK, RequestBatch
 
@@ -84,6 +85,64 @@ class RequestEmbedder(nn.Module):
         feats = torch.cat([cand, read, cand * user_ctx[:, None, :]], dim=-1)  # (B, N, 3d)
         cand_vec = self.norm(cand + self.mix(feats))
         return self.drop(user_ctx), self.drop(cand_vec)
+
+
+N_ITEM_FEATURES = 4  # history similarity (raw and z-scored within the request), log popularity, CTR
+
+
+class ItemFeatures(nn.Module):
+    """Per-candidate collaborative statistics, the ones the heuristic policies are fitted from
+    (`policies.fit_heuristics`, copied in by `set_item_features`): logged lists label only L
+    items per request, these summarise every training positive, so a model judges an unshown
+    candidate from more than its id embedding. Tables are buffers indexed by item (saved with
+    the model; zeros, no signal, until filled); ids beyond them (new items) get zeros."""
+
+    def __init__(self, n_items: int, dim: int):
+        super().__init__()
+        v = max(n_items, 2)
+        self.register_buffer("feat_emb", torch.zeros(v, dim))  # (V, e) low-rank item vectors
+        self.register_buffer("feat_pop", torch.zeros(v))  # (V,) positive count
+        self.register_buffer("feat_ctr", torch.zeros(v))  # (V,) smoothed CTR
+
+    @staticmethod
+    def _look(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        inside = idx < table.shape[0]
+        out = table[torch.where(inside, idx, torch.zeros_like(idx))]
+        return out * inside.reshape(*inside.shape, *([1] * (out.dim() - inside.dim()))).to(out.dtype)
+
+    def forward(self, batch: RequestBatch) -> torch.Tensor:
+        """-> (B, N, 4): cosine with the mean of the user's history in the low-rank item space,
+        the same z-scored over the request's candidates (which of them fits this user best),
+        log(1 + popularity) and CTR."""
+        cand = F.normalize(self._look(self.feat_emb, batch.candidates), dim=-1)  # (B, N, e)
+        hist = F.normalize(self._look(self.feat_emb, batch.history), dim=-1)  # (B, H, e); PAD rows are zero
+        hmask = (batch.history != PAD).to(hist.dtype)  # (B, H)
+        hmean = (hist * hmask[..., None]).sum(1) / hmask.sum(1, keepdim=True).clamp(min=1)  # (B, e)
+        sim = torch.einsum("bne,be->bn", cand, hmean)  # (B, N)
+        m = batch.cand_mask.to(sim.dtype)
+        n = m.sum(1, keepdim=True).clamp(min=1)
+        mean = (sim * m).sum(1, keepdim=True) / n
+        std = (((sim - mean) * m) ** 2).sum(1, keepdim=True).div(n).sqrt()
+        z = (sim - mean) / (std + 1e-3) * m
+        pop = torch.log1p(self._look(self.feat_pop, batch.candidates))
+        return torch.stack([sim, z, pop, self._look(self.feat_ctr, batch.candidates)], dim=-1)
+
+
+def set_item_features(model: nn.Module, popularity: torch.Tensor, ctr: torch.Tensor, item_emb: torch.Tensor) -> bool:
+    """Copy heuristic statistics ((V,), (V,), (V, e) by item index, `policies.HeuristicStats`)
+    into every ItemFeatures inside `model`. -> False when it has none. Rows by item index;
+    items beyond either table get no statistics. A width that differs is a ValueError."""
+    mods = [m for m in model.modules() if isinstance(m, ItemFeatures)]
+    with torch.no_grad():
+        for m in mods:
+            for buf, t in ((m.feat_pop, popularity), (m.feat_ctr, ctr), (m.feat_emb, item_emb)):
+                if tuple(t.shape[1:]) != tuple(buf.shape[1:]):
+                    raise ValueError(f"item features: statistics of shape {tuple(t.shape)}, the model was built "
+                                     f"for {tuple(buf.shape)}")
+                n = min(len(t), len(buf))
+                buf.zero_()
+                buf[:n] = t[:n].to(buf.dtype)
+    return bool(mods)
 
 
 def gather_positions(x: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ and after it. The list score is sum_k p_k / log2(k + 2) (DCG weights, k from 0).
 
 It scores any list of positions into the candidates, logged or not; -1 entries (short
 lists) are masked out and score 0.
+
+With `item_features` each candidate also carries the collaborative statistics the heuristic
+policies are fitted from (`policies.fit_heuristics`): its similarity to the user's history in
+the low-rank item space, its log popularity and its CTR. The click labels of logged lists are
+few (L per request) and only on shown items; these statistics summarise every training
+positive, so the model knows an unshown candidate's relevance from more than its id embedding.
 """
 from __future__ import annotations
 
@@ -22,14 +28,15 @@ from torch.nn import functional as F
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config_sections import RewardConfig
 from goalrank_core.group import dcg_weights
-from goalrank_core.layers import RequestEmbedder, gather_positions, transformer
+from goalrank_core.layers import N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions, transformer
 
 
 _PAIR_FEATURES = 4  # same category, cosine, earlier item's attractiveness, distance
 
 
 class RewardModel(nn.Module):
-    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int):
+    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int,
+                 feature_dim: int = 32):
         super().__init__()
         d = cfg.d_model
         self.cfg, self.slate_len = cfg, slate_len
@@ -51,6 +58,10 @@ class RewardModel(nn.Module):
         if cfg.exposure_prior:  # P(logged click | u, i) over all N candidates, and its weight in the click logit
             self.prior = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
             self.prior_scale = nn.Parameter(torch.tensor(0.5))
+        if cfg.item_features:  # filled by layers.set_item_features
+            self.features = ItemFeatures(n_items, feature_dim)
+            self.feat_in = nn.Linear(N_ITEM_FEATURES, d)  # into the candidate's vector
+            self.feat_logit = nn.Linear(N_ITEM_FEATURES, 1)  # and straight into its click logit
         nn.init.normal_(self.pos.weight, std=0.02)
         self.register_buffer("dcg", dcg_weights(slate_len), persistent=False)
 
@@ -66,6 +77,11 @@ class RewardModel(nn.Module):
         if l > self.slate_len:
             raise ValueError(f"lists have length {l}, the reward model was built for {self.slate_len}")
         user, cand = self.embed(batch)  # (B, d), (B, N, d)
+        point = None
+        if self.cfg.item_features:
+            f = self.features(batch)  # (B, N, 4)
+            cand = cand + self.feat_in(f)
+            point = self.feat_logit(f)  # (B, N, 1)
         prior = self.prior(cand)[..., 0] if self.cfg.exposure_prior else None  # (B, N)
         if self.context is not None:  # once per request, shared by its G lists
             x = torch.cat([user[:, None, :], cand], dim=1)  # (B, 1 + N, d)
@@ -86,6 +102,8 @@ class RewardModel(nn.Module):
         logit, extra = out[..., 0], out[..., 1:]  # (B, G, L), (B, G, L, F)
         if self.pair is not None:
             logit = logit + self._pairwise(batch, lists, items)
+        if point is not None:
+            logit = logit + gather_positions(point, lists)[..., 0]
         outputs = []
         if prior is not None:  # detached: the click loss calibrates the prior, only its own loss trains it
             logit = logit + self.prior_scale * gather_positions(prior.detach()[..., None], lists)[..., 0]
@@ -154,10 +172,11 @@ class CrossFitReward(nn.Module):
 
     `forward` returns (K, B, G, L) logits: the loss masks each member to its own rows."""
 
-    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int):
+    def __init__(self, cfg: RewardConfig, n_items: int, n_users: int, n_categories: int, slate_len: int,
+                 feature_dim: int = 32):
         super().__init__()
         self.cfg, self.slate_len = cfg, slate_len
-        self.members = nn.ModuleList(RewardModel(cfg, n_items, n_users, n_categories, slate_len)
+        self.members = nn.ModuleList(RewardModel(cfg, n_items, n_users, n_categories, slate_len, feature_dim)
                                      for _ in range(cfg.folds))
 
     def num_parameters(self) -> int:

@@ -17,7 +17,9 @@ from goalrank_core.batch import Vocab
 from goalrank_core.errors import GoalRankInputError
 
 # state_dict key suffix -> which vocabulary indexes its rows
-VOCAB_ROWS = {"embed.item.weight": "item", "embed.user.weight": "user"}
+VOCAB_ROWS = {"embed.item.weight": "item", "embed.user.weight": "user",
+              # the reward model's item features (refreshed from the new window's statistics anyway)
+              "feat_emb": "item", "feat_pop": "item", "feat_ctr": "item"}
 OVERLAP_ROWS = ("embed.category.weight",)
 
 

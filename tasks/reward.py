@@ -115,15 +115,20 @@ class RewardSpec(TrainSpec):
                 row = {rid: i for i, rid in enumerate(self.valid_ids)}
                 order = np.array([row[str(rid)] for rid in self.valid.request_id], dtype=np.int64)
                 self.valid_props = self.valid_proposals[order].astype(np.int64)  # (V, G, L) in encode's order
-        model = self.bundle.build("reward")
-        if self.init is not None:  # warm start (flows/daily_ops.py): a bundle built on this vocabulary
-            model.load_state_dict(load_bundle(object_store.join(self.init, "model"), "reward: init").require("reward").state_dict())
-        elif self.policies is not None:  # as fit.train_reward: from the supervised generator when shapes match
-            from goalrank_core.fit import init_reward
+        from goalrank_core.fit import init_reward, item_features
 
+        model = self.bundle.build("reward")
+        log = lambda msg: print(f"[reward] {msg}", flush=True) if rank == 0 else None  # noqa: E731
+        pol = None
+        if self.policies is not None:
             pol = load_bundle(object_store.join(self.policies, "model"), "reward: policies")
             pol.config = self.config
-            init_reward(model, pol, lambda msg: print(f"[reward] {msg}", flush=True) if rank == 0 else None)
+        if self.init is not None:  # warm start (flows/daily_ops.py): a bundle built on this vocabulary
+            model.load_state_dict(load_bundle(object_store.join(self.init, "model"), "reward: init").require("reward").state_dict())
+            if pol is not None:  # this window's statistics, not the champion's
+                item_features(model, pol, log)
+        elif pol is not None:  # as fit.train_reward: from the supervised generator when shapes match
+            init_reward(model, pol, log)
         self.augment, self.k = model.cfg.labelled_lists  # k: proposer lists per request, as trainer.train_reward_model
         self.list_weight = model.cfg.list_weight
         return model
