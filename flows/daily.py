@@ -89,9 +89,6 @@ def check_parameters(dataset: str | None, impressions: str | None, settings: dic
     if (dataset is None) == (impressions is None):
         raise ConfigError("give exactly one of dataset or impressions")
     cfg = run_config(config, overrides, dataset)
-    if cfg.group.search_lists:  # refused, not ignored: the stages build groups without it
-        raise ConfigError("group.search_lists is supported by the in-process fit (goalrank fit) only, "
-                          "not yet by the daily flow's stages")
     if cfg.reward.feedback:  # the prepare stage re-writes impressions with the contract's columns only
         raise ConfigError("reward.feedback (labels_<name> columns) is supported by the in-process fit "
                           "(goalrank fit) only, not yet by the daily flow's stages")

@@ -19,16 +19,21 @@ from goalrank_core.errors import ConfigError
 
 
 SOURCES = {"interactions": "negative", "impressions": "unknown"}  # protocol.Splits.source -> unshown
-# The reward-model recipe `reward.unshown: auto` brings with it, per source, for every field still
-# at its default. Impression logs keep the defaults (the list-wise recipe measured on the simulator:
-# pairwise context term, causal reader, 2 cross-fitted folds). Interaction data sets get the recipe
+# The recipe `reward.unshown: auto` brings with it, per source, for every field still at its
+# default. Impression logs keep the list-wise reward model of the defaults (pairwise context term,
+# causal reader, 2 cross-fitted folds) and get a loop that follows it (measured on the simulator,
+# docs/simulator.md: with the item features the reward model's greedy search finds lists as good as
+# the best proposer's, so the search list leads each group, pi_ref is sharp, tau 0.1, and the
+# generator trains 4 epochs in each of 2 rounds; bench/results/simulator_quick_loop-search.json).
+# The named data sets keep the default loop: it is what their results were measured with, and their
+# logged labels cannot show a list-wise gain (docs/results.md). Interaction data sets get the recipe
 # measured best there (docs/results.md, ML-100K over 3 seeds: GoalRank HR@6 0.576 against 0.566 with
 # the defaults, at a third of the fit time): unshown candidates are labelled negatives, so the
 # supervised generator's encoder is a good start and the list-wise terms only add variance.
 SOURCE_RECIPES: dict[str, dict[str, Any]] = {
     "interactions": {"reward.init_from_supervised": True, "reward.context_layers": 2, "train.reward_epochs": 3,
                      "reward.pairwise": False, "reward.causal": False, "reward.folds": 1},
-    "impressions": {},
+    "impressions": {"group.search_lists": True, "group.tau": 0.1, "train.epochs": 4, "group.rounds": 2},
 }
 
 

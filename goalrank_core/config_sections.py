@@ -214,10 +214,10 @@ class GroupConfig:
         "training groups only, never used to rank", True)
     search_lists: bool = _help(
         "put a list built by greedy search under the reward model (goalrank_core/search.py) in each "
-        "training group, the one proposal that could beat every proposer; training only, never served; "
-        "`goalrank fit` only (the daily flow refuses it). "
-        "Off by default: on the simulator the search exploits the reward model's errors (its lists are "
-        "worth less than the reward model's pick among the proposers: docs/results.md)", False)
+        "training group, the one proposal that could beat every proposer; training only, never served "
+        "(the in-process fit and the daily flow's score stage). "
+        "Off by default; impression logs turn it on (config.SOURCE_RECIPES): there, with the item "
+        "features, the search finds lists as good as the best proposer's (docs/simulator.md)", False)
     search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
                                   "reward model's one-item score (0 = all N)", 0)
 

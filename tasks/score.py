@@ -14,15 +14,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from goalrank_core.config import GoalRankConfig
-from goalrank_core.schemas import IMPRESSIONS, SCORED_GROUPS
+from goalrank_core.schemas import CANDIDATE_GROUPS, IMPRESSIONS, SCORED_GROUPS
 from tasks import object_store, storage
 from tasks.stage_io import device, load_bundle, read_dataset, write_dataset
-from tasks.group_rows import RequestIndex, groups_to_positions, masked_lists
+from tasks.group_rows import RequestIndex, groups_to_positions, masked_lists, positions_to_rows
 from tasks.ray_runtime import actor_pool, ensure_ray, pool_size
 from tasks.storage import StageResult, run_stage
 
@@ -43,14 +44,45 @@ def score_batch(bundle: Any, reward: torch.nn.Module, requests: RequestIndex, ta
     enc = encode(bundle, requests.take(table.column("request_id")))
     pos, mask = groups_to_positions(enc, lists_col, width, "score")  # (B, G, L), (B, G)
     b = enc.batch(slice(None), dev)
+    folds = batch_folds(reward, enc, slice(None), dev)
+    if config.group.search_lists:  # as fit.propose_groups: the reward-guided list leads the group
+        table, pos, mask = with_search_list(enc, b, reward, table, pos, config, folds)
     m = torch.from_numpy(mask).to(dev)
     # Cross-fitting: a training request's lists scored by the member that did not train on it.
-    rewards = reward.score(b, torch.from_numpy(pos).to(dev).clamp(min=0), batch_folds(reward, enc, slice(None), dev))  # (B, G)
+    rewards = reward.score(b, torch.from_numpy(pos).to(dev).clamp(min=0), folds)  # (B, G)
     rewards = torch.where(m, rewards, torch.zeros_like(rewards))
     pi = reference_policy(rewards, m, config.group.tau, config.group.eps)  # (B, G)
     r, p = rewards.float().cpu().numpy(), pi.float().cpu().numpy()
     return (table.append_column("rewards", masked_lists(r, mask, SCORED_GROUPS.field("rewards").type))
                  .append_column("pi_ref", masked_lists(p, mask, SCORED_GROUPS.field("pi_ref").type)))
+
+
+def with_search_list(enc: Any, b: Any, reward: torch.nn.Module, table: pa.Table, pos: np.ndarray,
+                     config: GoalRankConfig, folds: torch.Tensor | None) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """`group.search_lists`: put the list built by greedy search under the reward model
+    (goalrank_core.search; a training request searched by the member that never saw it) first
+    in each group, deduplicated and cut to |B| as `fit.propose_groups` does.
+    -> (the rows with new `lists` / `policies`, positions (B, |B|, L), mask (B, |B|))."""
+    from goalrank_core.group import dedup_lists
+    from goalrank_core.search import greedy_search
+
+    found = greedy_search(reward, b, pos.shape[2], folds, config.group.search_shortlist).cpu()  # (B, L)
+    names = table.column("policies").to_pylist()
+    vocab = ["search"] + sorted({n for row in names for n in row} - {"search"})
+    pid = np.full(pos.shape[:2], -1, dtype=np.int64)  # (B, G)
+    for i, row in enumerate(names):
+        k = min(len(row), pid.shape[1])
+        pid[i, :k] = [vocab.index(n) for n in row[:k]]
+    lists = torch.cat([found[:, None, :], torch.from_numpy(pos)], dim=1)  # (B, 1 + G, L)
+    pids = torch.cat([torch.zeros(len(pid), 1, dtype=torch.long), torch.from_numpy(pid)], dim=1)
+    lists, mask, pids = dedup_lists(lists, pids, config.group.size)
+    lists, mask, pids = lists.numpy(), mask.numpy(), pids.numpy()
+    cols = positions_to_rows(enc, lists, mask, {"pids": pids})
+    out = pa.table({"request_id": table.column("request_id"),
+                    "lists": pa.array(cols["lists"], CANDIDATE_GROUPS.field("lists").type),
+                    "policies": pa.array([[vocab[p] for p in row] for row in cols["pids"]],
+                                         CANDIDATE_GROUPS.field("policies").type)})
+    return out, lists, mask
 
 
 class Scorer:

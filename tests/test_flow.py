@@ -117,8 +117,6 @@ def test_bad_config_fails_before_any_stage(world):
 
     with pytest.raises(ConfigError, match="group.size"):
         _run(world, "bad", **{"group.size": 0})
-    with pytest.raises(ConfigError, match="group.search_lists"):  # the stages cannot honour it: refused, not ignored
-        _run(world, "bad", **{"group.search_lists": True})
     with pytest.raises(ConfigError, match="reward.feedback"):  # its columns do not reach the stages: refused
         _run(world, "bad", **{"reward.feedback": {"labels_like": 1.0}})
     assert not os.path.exists(os.path.join(world["storage"], "impressions", "bad"))

@@ -143,6 +143,31 @@ def test_score_batch_matches_scoring_each_request_alone(world):
     assert all(abs(sum(p) - 1) < 1e-5 for p in pis)
 
 
+def test_score_batch_puts_the_search_list_first_as_the_in_process_fit_does(world):
+    from goalrank_core.bundle import encode
+    from goalrank_core.reward_model import request_folds
+    from goalrank_core.search import greedy_search
+    from tasks.score import score_batch
+
+    cfg, bundle, groups = world["cfg"], world["bundle"], world["groups"]
+    cfg = cfg.override({"group.search_lists": True})
+    reward = bundle.require("reward")
+    index = RequestIndex(world["train"], "test")
+    part = groups.slice(0, 12)
+    out = score_batch(bundle, reward, index, part, cfg)
+    assert out.column_names == SCORED_GROUPS.names
+    enc = encode(bundle, index.take(part.column("request_id")))
+    folds = torch.from_numpy(request_folds(enc.request_id, cfg.reward.folds))
+    found = greedy_search(reward, enc.batch(slice(None)), enc.shown.shape[1], folds).numpy()  # (B, L)
+    want = np.take_along_axis(enc.raw_candidates, found, 1)  # (B, L) raw ids
+    for i, (lists, pols, before) in enumerate(zip(out.column("lists").to_pylist(), out.column("policies").to_pylist(),
+                                                  part.column("lists").to_pylist())):
+        assert lists[0] == want[i].tolist() and pols[0] == "search"
+        assert len(lists) == min(cfg.group.size, len(before) + (want[i].tolist() not in before))
+        assert len({tuple(x) for x in lists}) == len(lists)  # deduplicated
+        assert [x for x in before if x != lists[0]][: len(lists) - 1] == lists[1:]  # the proposers' order kept
+
+
 @pytest.mark.ray
 def test_score_stage_with_two_actors_writes_what_score_batch_gives(world, ray_session, tmp_path, monkeypatch):
     """Many small batches over 2 actors (the input is cut into blocks, so both get work); the
