@@ -32,8 +32,8 @@ SOURCES = {"interactions": "negative", "impressions": "unknown"}  # protocol.Spl
 # supervised generator's encoder is a good start and the list-wise terms only add variance.
 SOURCE_RECIPES: dict[str, dict[str, Any]] = {
     "interactions": {"reward.init_from_supervised": True, "reward.context_layers": 2, "train.reward_epochs": 3,
-                     "reward.pairwise": False, "reward.causal": False, "reward.folds": 1},
-    "impressions": {"group.search_lists": True, "group.tau": 0.1, "train.epochs": 4, "group.rounds": 2},
+                     "reward.pairwise": False, "reward.causal": False, "reward.folds": 1, "group.rounds": 1},
+    "impressions": {"group.search_lists": True, "group.tau": 0.1, "train.epochs": 4},  # and the default 2 rounds
 }
 
 

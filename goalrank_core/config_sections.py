@@ -208,7 +208,8 @@ class GroupConfig:
     generator_samples: int = _help("lists sampled from the current generator per request", 8)
     tau: float = _help("softmax temperature of pi_ref", 1.0)
     eps: float = _help("added to the group std before dividing", 1e-6)
-    rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round)", 1)
+    rounds: int = _help("generate -> score -> train rounds (generator samples refresh each round; "
+                        "the named data sets' recipe keeps 1: config.SOURCE_RECIPES)", 2)
     logged_list: bool = _help(
         "put a training request's logged list (the behaviour policy's proposal) first in its group; "
         "training groups only, never used to rank", True)
