@@ -7,9 +7,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from goalrank_core.batch import PAD, UNK, RequestBatch
+from goalrank_core.policies import history_similarity_scores
 
 
 def in_table(idx: torch.Tensor, n: int, fallback: int = UNK) -> torch.Tensor:
@@ -114,11 +114,7 @@ class ItemFeatures(nn.Module):
         """-> (B, N, 4): cosine with the mean of the user's history in the low-rank item space,
         the same z-scored over the request's candidates (which of them fits this user best),
         log(1 + popularity) and CTR."""
-        cand = F.normalize(self._look(self.feat_emb, batch.candidates), dim=-1)  # (B, N, e)
-        hist = F.normalize(self._look(self.feat_emb, batch.history), dim=-1)  # (B, H, e); PAD rows are zero
-        hmask = (batch.history != PAD).to(hist.dtype)  # (B, H)
-        hmean = (hist * hmask[..., None]).sum(1) / hmask.sum(1, keepdim=True).clamp(min=1)  # (B, e)
-        sim = torch.einsum("bne,be->bn", cand, hmean)  # (B, N)
+        sim = history_similarity_scores(self.feat_emb, batch)  # (B, N): the history policy's own score
         m = batch.cand_mask.to(sim.dtype)
         n = m.sum(1, keepdim=True).clamp(min=1)
         mean = (sim * m).sum(1, keepdim=True) / n
