@@ -89,6 +89,31 @@ def gains(summary: dict) -> dict[str, dict]:
     return out
 
 
+PAIRED_TITLE = "GoalRank minus each baseline, paired over seeds"
+
+
+def paired_table(runs: list[dict]) -> dict:
+    """GoalRank minus each learnt baseline per training seed (the same seed's split, data and
+    policies): the mean and 95 % t-interval of those differences, whether a gain is more than
+    the seed spread. From each run's `per_seed`, so it can be rebuilt from any result file."""
+    rows = []
+    for run in runs:
+        ps = run["per_seed"]
+        for label in ("supervised generator", "Generator-Evaluator", "PRM", "point-wise DNN"):
+            if label not in ps:
+                continue
+            cells = []
+            for metric in ("hr@6", "ndcg@6"):
+                diff = [a - b for a, b in zip(ps["GoalRank"][metric], ps[label][metric])]
+                s = seed_summary(diff)
+                cells.append(f"{s['mean']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]" if s["n"] >= 2
+                             else f"{s['mean']:+.4f}")
+            rows.append([run["dataset"], label, *cells])
+    return table(PAIRED_TITLE, ["data set", "baseline", "HR@6 difference", "NDCG@6 difference"], rows,
+                 "Per seed, GoalRank's metric minus the baseline's on the same test split; mean [95% t-interval] "
+                 "over the seeds. An interval that excludes 0 is a gain (or loss) larger than the seed spread.")
+
+
 def _fmt(s: dict) -> str:
     if s["n"] >= 2:
         return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
@@ -128,6 +153,7 @@ def tables_for(runs: list[dict], mode: str) -> list[dict]:
                      f"{', '.join(BASELINES)}. The supervised generator (a Seq2Slate-style generator-only "
                      "ranker) is a baseline and also GoalRank's starting point, so its own column says what "
                      "group-relative training added to that start."))
+    out.append(paired_table(runs))
     return out
 
 

@@ -147,6 +147,18 @@ class RewardConfig:
         "history in the low-rank item space of all training positives, log popularity, CTR) as inputs of "
         "its vector and its click logit: the logged lists label only L items per request, these summarise "
         "every training positive, so unshown candidates are judged from more than an id embedding", True)
+    examination: bool = _help(
+        "a cascade reader on top of the click model (as DCM and DBN click models have): an item is "
+        "clicked only if the reader got to it, and after each item she reads on with a learnt probability "
+        "that depends on whether she clicked it and on the item (satisfied by a good item, put off by a "
+        "dull one); P(click at k) = P(examined k) * attraction(k). Stop probabilities start near 0, so a "
+        "world without a cascade loses nothing", False)
+    list_value: str = _help(
+        "how a list's predicted clicks add up to its reward: `dcg` (sum_k p_k / log2(k + 2): right when the "
+        "labels carry no position effect, as in slates built from ratings, and the metric is NDCG) or "
+        "`clicks` (sum_k p_k, the expected number of clicks: right for impression logs, whose clicks "
+        "already fall with position, so the model's p_k has the position effect in it and a DCG weight "
+        "would count it twice)", "dcg")
     folds: int = _help(
         "cross-fitting: K reward models, member k trained on the training requests outside fold k "
         "(a hash of request_id); a training request's group is scored by the member that never saw "
@@ -181,6 +193,8 @@ class RewardConfig:
         _check(self.ff_mult >= 1, "reward.ff_mult", f"must be >= 1, got {self.ff_mult}")
         _check(self.exposure_target in ("click", "shown"), "reward.exposure_target",
                f"must be click or shown, got {self.exposure_target!r}")
+        _check(self.list_value in ("dcg", "clicks"), "reward.list_value",
+               f"must be dcg or clicks, got {self.list_value!r}")
         _check(self.unshown in UNSHOWN, "reward.unshown", f"must be one of {', '.join(UNSHOWN)}, got {self.unshown!r}")
         _check(self.augment_lists >= 0, "reward.augment_lists", f"must be >= 0, got {self.augment_lists}")
         _check(self.group_lists >= 0, "reward.group_lists", f"must be >= 0, got {self.group_lists}")
@@ -221,6 +235,10 @@ class GroupConfig:
         "features, the search finds lists as good as the best proposer's (docs/simulator.md)", False)
     search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
                                   "reward model's one-item score (0 = all N)", 0)
+    search_sweeps: int = _help(
+        "rounds of local search after the greedy construction (search.py: each position tries every "
+        "candidate, by replacement or swap, and keeps what the reward model scores higher); greedy alone "
+        "cannot see what an item does to the items below it. Each round costs one more greedy search", 0)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "group.size", f"must be >= 1, got {self.size}")
@@ -228,6 +246,7 @@ class GroupConfig:
         _check(self.tau > 0, "group.tau", f"must be > 0, got {self.tau}")
         _check(self.eps > 0, "group.eps", f"must be > 0, got {self.eps}")
         _check(self.rounds >= 1, "group.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.search_sweeps >= 0, "group.search_sweeps", f"must be >= 0, got {self.search_sweeps}")
         _check(self.search_shortlist >= 0, "group.search_shortlist", f"must be >= 0, got {self.search_shortlist}")
 
 

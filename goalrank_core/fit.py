@@ -105,7 +105,8 @@ def propose_groups(data: EncodedRequests, aux: list, generator: nn.Module | None
         # other rows (validation) by the members' mean.
         folds = batch_folds(reward, data, idx, dev) if heldout else None
         if config.group.search_lists:  # the reward-guided list leads the group (search.py)
-            found = greedy_search(reward, b, lists.shape[2], folds, config.group.search_shortlist)  # (B, L)
+            found = greedy_search(reward, b, lists.shape[2], folds, config.group.search_shortlist,
+                                  sweeps=config.group.search_sweeps)  # (B, L)
             if "search" not in names:
                 names = names + ["search"]
             lists = torch.cat([found[:, None, :], lists], dim=1)

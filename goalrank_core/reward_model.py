@@ -5,7 +5,8 @@ user's history; with `context_layers` > 0 then a Transformer over the user and a
 candidates, so an item is judged against what else the request could show, as the
 generator's encoder does) plus a position embedding; a Transformer runs over [user token, item 1..L]
 with full self-attention, so an item's click probability depends on what is shown before
-and after it. The list score is sum_k p_k / log2(k + 2) (DCG weights, k from 0).
+and after it. The list score is sum_k p_k / log2(k + 2) (DCG weights, k from 0), or with
+`list_value: clicks` the expected number of clicks, sum_k p_k.
 
 It scores any list of positions into the candidates, logged or not; -1 entries (short
 lists) are masked out and score 0.
@@ -58,12 +59,18 @@ class RewardModel(nn.Module):
         if cfg.exposure_prior:  # P(logged click | u, i) over all N candidates, and its weight in the click logit
             self.prior = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
             self.prior_scale = nn.Parameter(torch.tensor(0.5))
+        if cfg.examination:  # per item: logits of stopping after a click, after no click
+            self.stop = nn.Linear(2 * d, 2)
+            nn.init.zeros_(self.stop.weight)
+            nn.init.constant_(self.stop.bias, -4.0)  # P(stop) ~ 0.02: a reader who reads on
         if cfg.item_features:  # filled by layers.set_item_features
             self.features = ItemFeatures(n_items, feature_dim)
             self.feat_in = nn.Linear(N_ITEM_FEATURES, d)  # into the candidate's vector
             self.feat_logit = nn.Linear(N_ITEM_FEATURES, 1)  # and straight into its click logit
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.register_buffer("dcg", dcg_weights(slate_len), persistent=False)
+        # Position weights of the list score (reward.list_value): DCG, or 1 (expected clicks).
+        weights = dcg_weights(slate_len) if cfg.list_value == "dcg" else torch.ones(slate_len)
+        self.register_buffer("dcg", weights, persistent=False)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -107,6 +114,8 @@ class RewardModel(nn.Module):
         outputs = []
         if prior is not None:  # detached: the click loss calibrates the prior, only its own loss trains it
             logit = logit + self.prior_scale * gather_positions(prior.detach()[..., None], lists)[..., 0]
+        if self.cfg.examination:
+            logit = _examined_logits(logit, self.stop(torch.cat([h, items], dim=-1)), lists)
             if exposure:
                 outputs.append(prior)
         if feedback and self.n_feedback:
@@ -143,8 +152,8 @@ class RewardModel(nn.Module):
         return torch.sigmoid(self.logits(batch, lists)) * (lists >= 0).to(torch.float32)
 
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, G, L) -> (B, G) sum_k (p_k + sum_f w_f p_f,k) / log2(k + 2): the click and each
-        weighted further feedback type. `folds` is accepted for the interface of CrossFitReward
+        """(B, G, L) -> (B, G) sum_k (p_k + sum_f w_f p_f,k) w_k: the click and each weighted
+        further feedback type, w_k the DCG weight 1 / log2(k + 2) or 1 (reward.list_value). `folds` is accepted for the interface of CrossFitReward
         and ignored: one model has no held-out member."""
         real = (lists >= 0).to(torch.float32)
         if self.n_feedback:
@@ -161,6 +170,20 @@ class RewardModel(nn.Module):
             lists, labels = batch.shown[:, None, :], batch.labels[:, None, :]
         assert labels is not None
         return masked_bce(self(batch, lists), lists, labels)
+
+
+def _examined_logits(attract: torch.Tensor, stop: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """(B, G, L) attraction logits a_k, (B, G, L, 2) stop logits after a click / after none ->
+    (B, G, L) logits of P(click at k) = E_k sigmoid(a_k), where E_1 = 1 and the reader goes on
+    from k with q_k (1 - s_click,k) + (1 - q_k)(1 - s_skip,k), q_k = sigmoid(a_k). In log space,
+    so the BCE on logits, the list score and the click probabilities all keep working."""
+    q = torch.sigmoid(attract)
+    s_click, s_skip = torch.sigmoid(stop[..., 0]), torch.sigmoid(stop[..., 1])
+    go_on = (q * (1 - s_click) + (1 - q) * (1 - s_skip)).clamp(min=1e-6)  # (B, G, L)
+    go_on = torch.where(lists >= 0, go_on, torch.ones_like(go_on))  # an empty slot stops nobody
+    log_exam = torch.cumsum(go_on.log(), dim=-1) - go_on.log()  # (B, G, L) log E_k: the items above k
+    log_p = (log_exam + F.logsigmoid(attract)).clamp(max=-1e-6)  # log P(click at k) < 0
+    return log_p - torch.log(-torch.expm1(log_p))  # logit(p) = log p - log(1 - p)
 
 
 class CrossFitReward(nn.Module):
@@ -194,11 +217,16 @@ class CrossFitReward(nn.Module):
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, G, L) -> (B, G) list scores: with `folds` (B,) int64, row b scored by member
         folds[b] alone (the one that did not train on it); without, the members' mean."""
-        scores = torch.stack([m.score(batch, lists) for m in self.members])  # (K, B, G)
         if folds is None:
-            return scores.mean(0)
-        folds = folds.to(scores.device).clamp(0, len(self.members) - 1)
-        return scores.gather(0, folds[None, :, None].expand(1, -1, scores.shape[2]))[0]
+            return torch.stack([m.score(batch, lists) for m in self.members]).mean(0)
+        # Each member scores only its own rows: K times less work than scoring all and picking.
+        folds = folds.to(lists.device).clamp(0, len(self.members) - 1)
+        out = torch.zeros(lists.shape[:2], device=lists.device)
+        for k, member in enumerate(self.members):
+            rows = (folds == k).nonzero()[:, 0]
+            if len(rows):
+                out[rows] = member.score(batch.take(rows), lists[rows]).to(out.dtype)
+        return out
 
     def click_probs(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
         """(B, G, L) -> (B, G, L) the members' mean click probabilities."""

@@ -66,7 +66,8 @@ def with_search_list(enc: Any, b: Any, reward: torch.nn.Module, table: pa.Table,
     from goalrank_core.group import dedup_lists
     from goalrank_core.search import greedy_search
 
-    found = greedy_search(reward, b, pos.shape[2], folds, config.group.search_shortlist).cpu()  # (B, L)
+    found = greedy_search(reward, b, pos.shape[2], folds, config.group.search_shortlist,
+                          sweeps=config.group.search_sweeps).cpu()  # (B, L)
     names = table.column("policies").to_pylist()
     vocab = ["search"] + sorted({n for row in names for n in row} - {"search"})
     pid = np.full(pos.shape[:2], -1, dtype=np.int64)  # (B, G)

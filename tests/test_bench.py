@@ -96,6 +96,23 @@ def test_gain_is_over_the_best_baseline_the_supervised_generator_included():
     assert gains(summ)["hr@6"]["best_baseline"] == "PRM" and gains(summ)["hr@6"]["gain_pct"] == pytest.approx(10.0)
 
 
+def test_paired_table_differences_goalrank_and_each_baseline_per_seed():
+    from bench.main_table import PAIRED_TITLE, paired_table
+    from bench.report import with_derived_tables
+
+    per_seed = {"GoalRank": {"hr@6": [0.60, 0.62, 0.64], "ndcg@6": [0.50, 0.52, 0.54]},
+                "supervised generator": {"hr@6": [0.61, 0.61, 0.62], "ndcg@6": [0.49, 0.51, 0.53]}}
+    t = paired_table([{"dataset": "ml-100k", "per_seed": per_seed}])
+    assert t["title"] == PAIRED_TITLE and len(t["rows"]) == 1
+    hr, ndcg = t["rows"][0][2], t["rows"][0][3]
+    assert hr.startswith("+0.0067 [") and not hr.endswith("+0.0000]")  # -0.01, +0.01, +0.02: spans 0
+    assert ndcg == "+0.0100 [+0.0100, +0.0100]"  # the same gain every seed: no spread
+    doc = {"benchmark": "main_table", "tables": [], "data": {"runs": [{"dataset": "ml-100k", "per_seed": per_seed}]}}
+    derived = with_derived_tables(doc)["tables"]
+    assert [x["title"] for x in derived] == [PAIRED_TITLE] and "bench.report" in derived[0]["notes"]
+    assert with_derived_tables(doc)["tables"] == derived  # not added twice
+
+
 def test_group_stats_measure_the_reward_spread():
     from bench.group_size import group_stats
     from goalrank_core.trainer import Groups

@@ -53,8 +53,10 @@ def test_held_out_scores_come_from_the_member_that_did_not_train_on_the_row():
     with torch.no_grad():
         got = model.score(b, lists, folds)
         each = torch.stack([m.score(b, lists) for m in model.members])  # (K, B, G)
-    for r, f in enumerate(folds.tolist()):
-        assert torch.equal(got[r], each[f, r])
+    for r, f in enumerate(folds.tolist()):  # each member scores its own rows only (float noise of a smaller batch)
+        assert torch.allclose(got[r], each[f, r], atol=1e-5)
+        others = [k for k in range(3) if k != f]
+        assert all((got[r] - each[k, r]).abs().max() > 1e-4 for k in others)
     assert torch.allclose(model.score(b, lists), each.mean(0))  # no folds: the members' mean
 
 

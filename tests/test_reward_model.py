@@ -114,3 +114,48 @@ def test_learns_a_context_effect():
     base = max(float(labels.mean()), 1 - float(labels.mean()))
     assert base < 0.8
     assert float(acc) > base + 0.1
+
+
+def test_list_value_clicks_scores_expected_clicks():
+    b = random_batch(b=3, n=10, l=4)
+    torch.manual_seed(0)
+    model = RewardModel(RewardConfig(**{**CFG.__dict__, "list_value": "clicks"}), 40, 10, 4, 4).eval()
+    lists = torch.tensor([[9, 4, 7, 1], [2, 3, 0, 8], [5, 6, 1, -1]])[:, None, :]
+    with torch.no_grad():
+        assert torch.allclose(model.score(b, lists), model.click_probs(b, lists).sum(-1))
+    with pytest.raises(Exception, match="reward.list_value"):
+        RewardConfig(list_value="ndcg")
+
+
+def test_examination_is_a_cascade_over_the_attraction():
+    """P(click at k) = E_k q_k with E_1 = 1, E_{k+1} = E_k (q_k (1 - s_c) + (1 - q_k)(1 - s_s))."""
+    b = random_batch(b=2, n=10, l=4)
+    cfg = RewardConfig(**{**CFG.__dict__, "examination": True})
+    torch.manual_seed(0)
+    model = RewardModel(cfg, 40, 10, 4, 4).eval()
+    lists = torch.tensor([[[0, 1, 2, 3]], [[4, 5, 6, -1]]])
+    with torch.no_grad():
+        model.stop.bias.copy_(torch.tensor([0.5, -1.0]))  # stop after a click 0.62, after none 0.27
+        p = model.click_probs(b, lists)[:, 0]  # (B, L)
+        model.cfg = RewardConfig(**{**CFG.__dict__, "examination": False})
+        q = model.click_probs(b, lists)[:, 0]  # the attraction alone (same weights)
+    s_c, s_s = torch.sigmoid(torch.tensor(0.5)), torch.sigmoid(torch.tensor(-1.0))
+    exam = torch.ones(2)
+    for k in range(4):
+        real = lists[:, 0, k] >= 0
+        assert torch.allclose(p[:, k], torch.where(real, exam * q[:, k], torch.zeros(2)), atol=1e-5)
+        exam = exam * (q[:, k] * (1 - s_c) + (1 - q[:, k]) * (1 - s_s))
+    assert (p[:, 1:3] < q[:, 1:3]).all() and torch.allclose(p[:, 0], q[:, 0], atol=1e-5)  # the first is always read
+
+
+def test_examination_starts_as_a_reader_who_reads_on():
+    b = random_batch(b=2, n=10, l=4)
+    torch.manual_seed(0)
+    plain = RewardModel(CFG, 40, 10, 4, 4).eval()
+    torch.manual_seed(0)
+    exam = RewardModel(RewardConfig(**{**CFG.__dict__, "examination": True}), 40, 10, 4, 4).eval()
+    exam.load_state_dict(plain.state_dict(), strict=False)
+    lists = torch.tensor([[[0, 1, 2, 3]], [[4, 5, 6, 7]]])
+    with torch.no_grad():
+        ratio = exam.click_probs(b, lists) / plain.click_probs(b, lists)
+    assert ((ratio > 0.93) & (ratio <= 1.0 + 1e-5)).all()  # P(stop) ~ 0.02 per item at the start
