@@ -317,8 +317,10 @@ def test_the_source_decides_whether_an_unshown_candidate_is_a_negative():
     assert (neg.reward.pairwise, neg.reward.causal, neg.reward.folds) == (False, False, 1)
     assert (unk.reward.pairwise, unk.reward.folds, unk.train.reward_epochs) == (True, 2, 8)  # the list-wise defaults
     # impression logs also get the loop that follows the reward model's search; the named data sets keep the default loop
-    assert (unk.group.search_lists, unk.group.tau, unk.train.epochs, unk.group.rounds) == (True, 0.1, 4, 2)
-    assert (neg.group.search_lists, neg.group.tau, neg.train.epochs, neg.group.rounds) == (False, 1.0, 2, 1)
+    assert (unk.group.search_lists, unk.group.search_sweeps, unk.group.tau, unk.train.epochs,
+            unk.group.rounds) == (True, 1, 0.1, 4, 2)
+    assert (neg.group.search_lists, neg.group.search_sweeps, neg.group.tau, neg.train.epochs,
+            neg.group.rounds) == (False, 0, 1.0, 2, 1)
     assert cfg.override({"group.tau": 0.5}).for_source("impressions").group.tau == 0.5  # a field set stays
     kept = cfg.override({"reward.folds": 3, "train.reward_epochs": 5}).for_source("interactions")
     assert (kept.reward.folds, kept.train.reward_epochs, kept.reward.pairwise) == (3, 5, False)
