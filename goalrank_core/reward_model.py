@@ -114,10 +114,10 @@ class RewardModel(nn.Module):
         outputs = []
         if prior is not None:  # detached: the click loss calibrates the prior, only its own loss trains it
             logit = logit + self.prior_scale * gather_positions(prior.detach()[..., None], lists)[..., 0]
-        if self.cfg.examination:
-            logit = _examined_logits(logit, self.stop(torch.cat([h, items], dim=-1)), lists)
             if exposure:
                 outputs.append(prior)
+        if self.cfg.examination:
+            logit = _examined_logits(logit, self.stop(torch.cat([h, items], dim=-1)), lists)
         if feedback and self.n_feedback:
             outputs.append(extra)
         if not outputs:
