@@ -68,7 +68,8 @@ def judge(bundle, reward, test, world, users, props, norm) -> dict[str, float]:
     for i in range(0, len(test), 256):
         b = test.batch(slice(i, i + 256))
         scores.append(reward.score(b, torch.from_numpy(lists[i:i + 256]).clamp(min=0)).numpy())
-        found.append(greedy_search(reward, b, lists.shape[2], sweeps=bundle.config.group.search_sweeps).numpy()[:, None, :])
+        sweeps = bundle.config.group.search_sweeps
+        found.append(greedy_search(reward, b, lists.shape[2], sweeps=sweeps).numpy()[:, None, :])
         n = b.candidates.shape[1]  # every candidate alone, at the top: the model's point-wise view
         one = reward.score(b, torch.arange(n).expand(len(b.candidates), n)[:, :, None])
         solo.append(one.masked_fill(~b.cand_mask, float("-inf")).numpy())

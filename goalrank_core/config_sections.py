@@ -236,9 +236,10 @@ class GroupConfig:
     search_shortlist: int = _help("the search considers each request's top this-many candidates by the "
                                   "reward model's one-item score (0 = all N)", 0)
     search_sweeps: int = _help(
-        "rounds of local search after the greedy construction (search.py: each position tries every "
-        "candidate, by replacement or swap, and keeps what the reward model scores higher); greedy alone "
-        "cannot see what an item does to the items below it. Each round costs one more greedy search", 0)
+        "rounds of local search after the greedy construction (search.py: each position tries the list's "
+        "own items by swap and the L best other candidates by replacement, and keeps what the reward model "
+        "scores higher); greedy alone cannot see what an item does to the items below it. Each round costs "
+        "about one more greedy search", 0)
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, "group.size", f"must be >= 1, got {self.size}")

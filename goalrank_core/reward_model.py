@@ -70,7 +70,7 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.pos.weight, std=0.02)
         # Position weights of the list score (reward.list_value): DCG, or 1 (expected clicks).
         weights = dcg_weights(slate_len) if cfg.list_value == "dcg" else torch.ones(slate_len)
-        self.register_buffer("dcg", weights, persistent=False)
+        self.register_buffer("slot_weight", weights, persistent=False)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -153,15 +153,16 @@ class RewardModel(nn.Module):
 
     def score(self, batch: RequestBatch, lists: torch.Tensor, folds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, G, L) -> (B, G) sum_k (p_k + sum_f w_f p_f,k) w_k: the click and each weighted
-        further feedback type, w_k the DCG weight 1 / log2(k + 2) or 1 (reward.list_value). `folds` is accepted for the interface of CrossFitReward
-        and ignored: one model has no held-out member."""
+        further feedback type, w_k the DCG weight 1 / log2(k + 2) or 1 (reward.list_value).
+        `folds` is accepted for the interface of CrossFitReward and ignored: one model has no
+        held-out member."""
         real = (lists >= 0).to(torch.float32)
         if self.n_feedback:
             logit, extra = self.logits(batch, lists, feedback=True)  # (B, G, L), (B, G, L, F)
             p = (torch.sigmoid(logit) + (torch.sigmoid(extra) * self.feedback_weight).sum(-1)) * real
         else:
             p = torch.sigmoid(self.logits(batch, lists)) * real
-        return (p * self.dcg[: lists.shape[-1]]).sum(-1)
+        return (p * self.slot_weight[: lists.shape[-1]]).sum(-1)
 
     def bce_loss(self, batch: RequestBatch, lists: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean BCE over labelled positions. Defaults to the logged `shown` / `labels`;

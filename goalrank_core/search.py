@@ -12,10 +12,10 @@ score (the reward model's score of the prefix plus that candidate), all candidat
 requests of a batch scored in one pass per position. Greedy is myopic: under a top-down reader
 an item's effect on the items below it (a second item of a category, a reader it satisfies and
 who stops) never enters its own choice. So `sweeps` rounds of local search follow: each
-position in turn tries every candidate (an unchosen one replaces the item, a chosen one swaps
-places with it) and keeps the best list whenever it scores higher, one pass per position. With cross-fitting a
-training request is searched with the member that never saw it (`folds`), so the search cannot
-steer toward the clicks a model memorised.
+position in turn tries the list's own items (a swap) and the L best other candidates by their
+one-item score (a replacement), and keeps the best list whenever it scores higher, one pass per
+position. With cross-fitting a training request is searched with the member that never saw it
+(`folds`), so the search cannot steer toward the clicks a model memorised.
 """
 from __future__ import annotations
 
@@ -46,9 +46,7 @@ def greedy_search(reward: nn.Module, batch: RequestBatch, length: int, folds: to
             enough = (allowed & valid).sum(1, keepdim=True) >= min(length, n)  # (B, 1)
             valid = torch.where(enough, allowed & valid, valid)
         if 0 < shortlist < n:
-            solo = reward.score(batch, cand[:, :, None], folds)  # (B, N) one-item lists
-            solo = solo.masked_fill(~valid, float("-inf"))
-            keep = solo.topk(shortlist, dim=1).indices  # (B, S)
+            keep = _top_alone(reward, batch, cand, valid, shortlist, folds).indices  # (B, S)
             cand, valid = keep, valid.gather(1, keep)
         s = cand.shape[1]
         chosen = torch.empty(b, 0, dtype=torch.long, device=dev)
@@ -102,10 +100,16 @@ def _move_pool(reward: nn.Module, batch: RequestBatch, chosen: torch.Tensor, can
     b, l = chosen.shape
     if cand.shape[1] <= 2 * l:
         return cand, valid
-    solo = reward.score(batch, cand[:, :, None], folds)  # (B, S0) one-item lists
     inside = (cand[:, :, None] == chosen[:, None, :]).any(-1)  # (B, S0)
-    solo = solo.masked_fill(~valid | inside, float("-inf"))
-    top = solo.topk(l, dim=1)
+    top = _top_alone(reward, batch, cand, valid & ~inside, l, folds)
     others = cand.gather(1, top.indices)  # (B, L)
     return torch.cat([chosen, others], dim=1), torch.cat([torch.ones_like(chosen, dtype=torch.bool),
                                                           top.values > float("-inf")], dim=1)
+
+
+def _top_alone(reward: nn.Module, batch: RequestBatch, cand: torch.Tensor, valid: torch.Tensor, k: int,
+               folds: torch.Tensor | None):
+    """cand (B, S) positions, valid (B, S) -> topk (values, indices into S) of the reward model's
+    score of each valid candidate as a one-item list; invalid ones score -inf."""
+    solo = reward.score(batch, cand[:, :, None], folds)  # (B, S) one-item lists
+    return solo.masked_fill(~valid, float("-inf")).topk(k, dim=1)
