@@ -14,6 +14,9 @@ from goalrank_core.errors import ConfigError
 UNSHOWN = ("auto", "negative", "unknown")
 
 
+GENERATOR_SELECT = ("hit_rate", "last")  # TrainConfig.generator_select
+
+
 def _help(text: str, default: Any, **kw: Any) -> Any:
     return field(default=default, metadata={"help": text}, **kw)
 
@@ -262,6 +265,11 @@ class TrainConfig:
     lr: float = _help("AdamW learning rate", 2e-3)
     weight_decay: float = _help("AdamW weight decay", 1e-4)
     supervised_weight: float = _help("weight of the supervised term on logged positives", 0.0)
+    generator_select: str = _help(
+        "which epoch of each round's group-relative training is kept: `hit_rate` (the best greedy hit rate on "
+        "the valid split's logged labels) or `last` (the last epoch: the loss is pi_ref's cross-entropy, and "
+        "logged labels cannot tell a better list from one that looks logged, so hit rate keeps the epoch "
+        "closest to the warm start)", "hit_rate")
     seed: int = _help("seed for weights, sampling and shuffling", 0)
     num_workers: int = _help("Ray Train DDP workers", 2)
     warm_epochs: int = _help("generator epochs per round when warm-started from the champion (daily runs)", 1)
@@ -275,6 +283,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.supervised_weight >= 0, "train.supervised_weight", f"must be >= 0, got {self.supervised_weight}")
+        _check(self.generator_select in GENERATOR_SELECT, "train.generator_select",
+               f"must be one of {', '.join(GENERATOR_SELECT)}, got {self.generator_select!r}")
 
 
 @dataclass

@@ -268,8 +268,10 @@ class EpochLog:
 
 
 def _fit(model: nn.Module, n_train: int, cfg: TrainConfig, epochs: int, step_loss: Callable[[np.ndarray], torch.Tensor],
-         validate: Callable[[], float] | None, higher_is_better: bool, what: str, log: Log) -> list[EpochLog]:
-    """Shared loop: shuffled batches, AdamW, grad clipping, best-on-valid weights kept."""
+         validate: Callable[[], float] | None, higher_is_better: bool, what: str, log: Log,
+         keep_best: bool = True) -> list[EpochLog]:
+    """Shared loop: shuffled batches, AdamW, grad clipping, best-on-valid weights kept (with
+    `keep_best`; else the last epoch's, the valid measure only logged)."""
     opt = make_optimizer(model, cfg)
     rng = np.random.default_rng(cfg.seed)
     history: list[EpochLog] = []
@@ -291,7 +293,7 @@ def _fit(model: nn.Module, n_train: int, cfg: TrainConfig, epochs: int, step_los
         history.append(entry)
         log(f"[{what}] epoch {epoch}/{epochs} loss {entry.loss:.4f} valid {val:.4f} "
             f"{entry.samples_per_s:.0f} samples/s ({dt:.1f}s)")
-        if validate is not None and val == val:
+        if keep_best and validate is not None and val == val:
             if best is None or (val > best if higher_is_better else val < best):
                 best, best_state = val, copy.deepcopy(model.state_dict())
     if best_state is not None:
@@ -357,7 +359,8 @@ def train_generator_group(train: EncodedRequests, groups: Groups, model: nn.Modu
                           valid: EncodedRequests | None = None, log: Log = print, epochs: int | None = None,
                           supervised_weight: float | None = None) -> list[EpochLog]:
     """Group-relative training on precomputed groups (+ optional supervised term);
-    validation = greedy hit rate on valid."""
+    validation = greedy hit rate on valid, which picks the kept epoch unless
+    `cfg.generator_select` is `last`."""
     if len(groups.lists) != len(train):
         raise ValueError(f"groups have {len(groups.lists)} rows, train has {len(train)}")
     dev = _device(model)
@@ -368,4 +371,5 @@ def train_generator_group(train: EncodedRequests, groups: Groups, model: nn.Modu
         return generator_group_loss(model, train.batch(idx, dev), lists, pi_ref, mask, w)
 
     validate = (lambda: greedy_hit_rate(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
-    return _fit(model, len(train), cfg, epochs or cfg.epochs, step, validate, True, "generator", log)
+    return _fit(model, len(train), cfg, epochs or cfg.epochs, step, validate, True, "generator", log,
+                keep_best=cfg.generator_select != "last")

@@ -33,8 +33,10 @@ class GeneratorSpec(TrainSpec):
     higher_is_better = True
 
     def __init__(self, config_dict: dict, prepared: str, init: str | None):
-        super().__init__(config_dict, GoalRankConfig.from_dict(config_dict).train.epochs)
+        train = GoalRankConfig.from_dict(config_dict).train
+        super().__init__(config_dict, train.epochs)
         self.prepared, self.init = prepared, init
+        self.keep_best = train.generator_select != "last"  # as trainer.train_generator_group
 
     def setup(self, rank: int) -> torch.nn.Module:
         from goalrank_core.bundle import encode

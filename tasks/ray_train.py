@@ -189,6 +189,7 @@ class TrainSpec:
 
     what = "train"
     higher_is_better = False
+    keep_best = True  # False: the last epoch's weights are kept, the valid measure only logged
     find_unused_parameters = False
 
     def __init__(self, config_dict: dict, epochs: int):
@@ -271,7 +272,7 @@ def worker_loop(loop_config: dict) -> None:
         if rank == 0:
             model.eval()
             valid = float(spec.validate(model))
-            if not math.isnan(valid) and (best is None or (valid > best if spec.higher_is_better else valid < best)):
+            if spec.keep_best and not math.isnan(valid) and (best is None or (valid > best if spec.higher_is_better else valid < best)):
                 best, best_state = valid, cpu_state(model)
         metrics = {"epoch": epoch, "valid": valid, **summary}
         history.append(metrics)

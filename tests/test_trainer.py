@@ -100,6 +100,50 @@ def test_group_training_raises_likelihood_of_preferred_lists(data):
     assert any(not torch.equal(before[k], v) for k, v in gen_model.state_dict().items())
 
 
+@pytest.mark.parametrize("select", ["hit_rate", "last"])
+def test_generator_select_keeps_best_or_last_epoch(data, select, monkeypatch):
+    """`train.generator_select`: hit_rate keeps the epoch with the best valid hit rate, last the
+    last epoch's weights (the hit rate is still logged). A valid measure that falls every epoch
+    makes the two differ: hit_rate must keep epoch 1's weights."""
+    import goalrank_core.trainer as trainer
+    from goalrank_core.policies import random_policy
+
+    bundle, tr, va = data
+    cfg = bundle.config.override({"train.generator_select": select})
+    set_seed(0)
+    reward = bundle.build("reward")
+    model = bundle.build("generator")
+    groups, _ = propose_groups(tr, [random_policy(4)], model, reward, cfg, seed=0)
+    states, falling = [], iter([0.9, 0.5, 0.1])
+
+    def fake_hit_rate(m, data, batch_size):  # records each epoch's weights as it validates them
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(falling)
+
+    monkeypatch.setattr(trainer, "greedy_hit_rate", fake_hit_rate)
+    lines = []
+    train_generator_group(tr, groups, model, cfg.train, va, lines.append, epochs=3)
+    kept = states[0] if select == "hit_rate" else states[-1]
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    assert not all(torch.equal(states[0][k], states[-1][k]) for k in kept)
+    assert "valid 0.1000" in lines[-1]  # logged either way
+
+
+def test_generator_select_reaches_the_ray_spec():
+    from tasks.generator import GeneratorSpec
+
+    for select, keep in (("hit_rate", True), ("last", False)):
+        cfg = tiny_config(**{"train.generator_select": select})
+        assert GeneratorSpec(cfg.to_dict(), "/nowhere", None).keep_best is keep
+
+
+def test_generator_select_refuses_unknown_value():
+    from goalrank_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.generator_select"):
+        tiny_config(**{"train.generator_select": "best"})
+
+
 @pytest.mark.slow
 def test_goalrank_beats_pointwise_sort_on_context_effect():
     """On synthetic logs where a second item of a category is worth less, GoalRank's lists
