@@ -11,6 +11,7 @@ world is honest when the true-relevance sort stays <= 0.6.
 
     python -m bench.simulator [--mode quick|full] [--effects saturation,pairs,cascade] [--seeds 3]
     python -m bench.simulator --mode quick --reward true   # the loop's ceiling: pi_ref from true list values
+    python -m bench.simulator --mode quick --effects saturation --strength gamma=1.5   # a world of other strengths
 """
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ def _ranked(requests: pa.Table, lists: np.ndarray) -> pa.Table:
     return pa.table({"request_id": requests.column("request_id"), "ranked": pa.array(list(lists), pa.list_(pa.int64()))})
 
 
-def world_and_splits(effect: str, seed: int, users: int, per_user: int, cfg, workdir: Path):
-    """World, its logs written as Parquet, and the splits `goalrank fit --impressions` would make."""
+def world_and_splits(effect: str, seed: int, users: int, per_user: int, cfg, workdir: Path,
+                     strengths: dict | None = None):
+    """World (`strengths`: Strengths fields other than the defaults), its logs written as Parquet,
+    and the splits `goalrank fit --impressions` would make."""
     import pyarrow.parquet as pq
 
     from goalrank_core.protocol import load_splits
-    from goalrank_core.simulator import make_world, simulate_logs
+    from goalrank_core.simulator import Strengths, make_world, simulate_logs
 
-    world = make_world(effect, seed=seed, n_users=users)
+    world = make_world(effect, seed=seed, n_users=users, strengths=Strengths(**(strengths or {})))
     imp, items = simulate_logs(world, n_requests=users * per_user, seed=seed)
     pq.write_table(imp, workdir / "impressions.parquet")
     pq.write_table(items, workdir / "items.parquet")
@@ -87,7 +90,7 @@ def score_policies(world, test: pa.Table, lists: dict[str, pa.Table], seed: int)
 
 
 def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = None,
-             true_reward: bool = False) -> dict[str, dict]:
+             true_reward: bool = False, strengths: dict | None = None) -> dict[str, dict]:
     import torch
 
     from goalrank_core.config import GoalRankConfig
@@ -97,7 +100,7 @@ def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = No
     users, per_user = VOLUME[mode]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        world, splits = world_and_splits(effect, seed, users, per_user, cfg, Path(tmp))
+        world, splits = world_and_splits(effect, seed, users, per_user, cfg, Path(tmp), strengths)
     log(f"{effect} seed {seed}: train {splits.train.num_rows}, valid {splits.valid.num_rows}, test {splits.test.num_rows}")
     oracle = None
     if true_reward:  # the loop's ceiling: pi_ref (and G-E's pick) from each list's true value
@@ -138,6 +141,25 @@ def summarise(effect: str, runs: list[dict], L: int) -> tuple[dict, list[list]]:
     return summary, rows
 
 
+def parse_strengths(pairs: list[str]) -> dict[str, float]:
+    """["gamma=1.5", ...] -> {"gamma": 1.5}; an unknown name or a non-number is refused by name."""
+    from dataclasses import fields
+
+    from goalrank_core.simulator import Strengths
+
+    known = {f.name: f.type for f in fields(Strengths)}
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--strength {pair!r}: expected NAME=VALUE with NAME one of {', '.join(known)}")
+        try:
+            out[key] = int(value) if known[key] in (int, "int") else float(value)
+        except ValueError:
+            raise SystemExit(f"--strength {pair!r}: {value!r} is not a number") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from goalrank_core.simulator import EFFECTS
 
@@ -150,11 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="config override, e.g. --set group.tau=0.5 (repeatable; default: the default config)")
     ap.add_argument("--reward", choices=("trained", "true"), default="trained",
                     help="true: the world's exact list value replaces the trained reward model (the loop's ceiling)")
+    ap.add_argument("--strength", dest="strengths", action="append", default=[], metavar="KEY=VALUE",
+                    help="a world strength other than its default (goalrank_core.simulator.Strengths), e.g. "
+                         "gamma=1.5 (repeatable)")
     ap.add_argument("--tag", default="", help="suffix of the result file (default: the effects, when not all)")
     args = ap.parse_args(argv)
     from goalrank.cli.pipeline_cmd import parse_overrides
 
     overrides = parse_overrides(args.overrides)
+    strengths = parse_strengths(args.strengths)
     seeds = args.seeds or (1 if args.mode == "quick" else 3)
     effects = [e.strip() for e in args.effects.split(",") if e.strip()]
     default_tag = "-".join(([] if effects == list(EFFECTS) else [e.replace("+", "_") for e in effects])
@@ -166,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         for seed in range(seeds):
             runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose), overrides,
-                                 args.reward == "true"))
+                                 args.reward == "true", strengths))
             print(f"[simulator] {effect} seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         L = runs[0]["_world"]["L"]
         summary, effect_rows = summarise(effect, runs, L)
@@ -184,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "config": {"effects": effects, "seeds": list(range(seeds)), "users": users, "requests_per_user": per_user,
                    "goalrank_config": {**overrides} if overrides else "default (train.seed = seed)",
+                   "strengths": strengths or "defaults",
                    "reward": args.reward},
         "tables": [
             table("True value on the simulator (test split; random list 0, best list found 1)",

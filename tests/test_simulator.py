@@ -196,6 +196,23 @@ def test_bench_scoring_shares_one_best():
     assert rows[0][1] == "goalrank" and summary[LOGGED]["goalrank_minus"]["mean"] > 0
 
 
+def test_bench_world_strengths_reach_the_world(tmp_path):
+    """bench.simulator --strength: named strengths change the world's click model, others are refused."""
+    from bench.simulator import parse_strengths, world_and_splits
+    from goalrank_core.config import GoalRankConfig
+
+    assert parse_strengths(["gamma=1.5", "n_sub=4"]) == {"gamma": 1.5, "n_sub": 4}
+    for bad in (["gama=1"], ["gamma=x"], ["gamma"]):
+        with pytest.raises(SystemExit, match="--strength"):
+            parse_strengths(bad)
+    cfg = GoalRankConfig().for_source("impressions")
+    world, _ = world_and_splits("saturation", 0, 40, 3, cfg, tmp_path, {"gamma": 1.5})
+    assert world.strengths.gamma == 1.5 and world.strengths.n_sub == 10
+    lists = np.tile(world.item_ids[np.flatnonzero(world.category == world.category[0])[:3]], (1, 1))  # one category
+    weak = make_world("saturation", seed=0, n_users=40)
+    assert world.expected_clicks(np.array([0]), lists)[0] < weak.expected_clicks(np.array([0]), lists)[0]
+
+
 def test_true_reward_scores_lists_by_their_exact_value():
     import torch
 
