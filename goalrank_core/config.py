@@ -29,7 +29,8 @@ SOURCES = {"interactions": "negative", "impressions": "unknown"}  # protocol.Spl
 # true value on every effect of the simulator (docs/simulator.md).
 # Each round keeps the generator's last epoch (`train.generator_select: last`): the logged hit rate
 # that picks the epoch otherwise kept epoch 1 of every round on the simulator, the epoch nearest the
-# warm start, while the list value kept rising (saturation seed 0: 0.514 -> 0.567, docs/simulator.md).
+# warm start, while the list value kept rising (3 seeds, saturation 0.527 -> 0.562, pairs and cascade
+# unchanged; bench/results/simulator_quick.json, docs/simulator.md).
 # The named data sets keep the default loop: it is what their results were measured with, and their
 # logged labels cannot show a list-wise gain (docs/results.md). Interaction data sets get the recipe
 # measured best there (docs/results.md, ML-100K over 3 seeds: GoalRank HR@6 0.576 against 0.566 with

@@ -286,6 +286,11 @@ class TrainConfig:
         _check(self.generator_select in GENERATOR_SELECT, "train.generator_select",
                f"must be one of {', '.join(GENERATOR_SELECT)}, got {self.generator_select!r}")
 
+    @property
+    def keep_best_generator(self) -> bool:
+        """Whether group-relative training keeps its best-on-valid epoch (else its last one)."""
+        return self.generator_select != "last"
+
 
 @dataclass
 class PolicyConfig:

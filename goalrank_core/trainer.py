@@ -372,4 +372,4 @@ def train_generator_group(train: EncodedRequests, groups: Groups, model: nn.Modu
 
     validate = (lambda: greedy_hit_rate(model, valid, 4 * cfg.batch_size)) if valid is not None and len(valid) else None
     return _fit(model, len(train), cfg, epochs or cfg.epochs, step, validate, True, "generator", log,
-                keep_best=cfg.generator_select != "last")
+                keep_best=cfg.keep_best_generator)

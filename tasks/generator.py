@@ -36,7 +36,7 @@ class GeneratorSpec(TrainSpec):
         train = GoalRankConfig.from_dict(config_dict).train
         super().__init__(config_dict, train.epochs)
         self.prepared, self.init = prepared, init
-        self.keep_best = train.generator_select != "last"  # as trainer.train_generator_group
+        self.keep_best = train.keep_best_generator  # the rule trainer.train_generator_group follows
 
     def setup(self, rank: int) -> torch.nn.Module:
         from goalrank_core.bundle import encode
