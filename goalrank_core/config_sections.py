@@ -91,6 +91,9 @@ class GeneratorConfig:
     item_features: bool = _help(
         "add each candidate's collaborative statistics (as reward.item_features: similarity to the user's "
         "history in the low-rank item space, log popularity, CTR) to its embedding", True)
+    list_bias: bool = _help(
+        "each item already in the list adds a learned amount to every remaining candidate's pointer logit, "
+        "from their same category and the cosine of their encodings (saturation, substitutes)", False)
 
     def __post_init__(self) -> None:
         _check(self.ff_mult >= 1, "generator.ff_mult", f"must be >= 1, got {self.ff_mult}")

@@ -11,6 +11,13 @@ can learn diversity or complementarity), yet a list costs only L one-token decod
 on top of the cached candidate encoding: inference (`decode`) keeps each decoder layer's
 keys and values, so step t computes its new token alone.
 
+With `list_bias` each item already in the list also adds a learned amount to every remaining
+candidate's pointer logit, from whether the two share a category and the cosine of their
+encodings (as the reward model's pairwise term): saturation, substitutes and complements
+become one additive term per chosen item, which the dot product of one query with each key
+expresses only approximately. The (N, N) table is computed once per request with the
+encoding, so decoding adds one row gather per step.
+
 Teacher forcing (`log_prob`) runs all G lists and all L steps of a batch at once.
 A list entry of -1 marks an unused step (lists shorter than L, e.g. the logged positives
 of a request): it contributes 0 to the log-probability.
@@ -36,6 +43,7 @@ class Encoded(NamedTuple):
     values: torch.Tensor  # (B, N, d) candidate encodings fed to the decoder once chosen
     user: torch.Tensor  # (B, d) user state: the decoder's start token
     valid: torch.Tensor  # (B, N) bool, real candidates
+    pair: torch.Tensor | None = None  # (B, N, N) [j, n]: logit added to candidate n once j is chosen
 
 
 class GoalRankGenerator(nn.Module):
@@ -54,6 +62,12 @@ class GoalRankGenerator(nn.Module):
         self.key = nn.Linear(d, d)
         self.query = nn.Linear(d, d)
         self.scale = 1.0 / math.sqrt(d)
+        # Inputs per (chosen j, candidate n): same category, cosine of their encodings.
+        self.list_bias = (nn.Sequential(nn.Linear(2, 16), nn.GELU(), nn.Linear(16, 1))
+                          if cfg.list_bias else None)
+        if self.list_bias is not None:  # starts as no term at all: the plain pointer network
+            nn.init.zeros_(self.list_bias[2].weight)
+            nn.init.zeros_(self.list_bias[2].bias)
         nn.init.normal_(self.pos.weight, std=0.02)
 
     def num_parameters(self) -> int:
@@ -68,7 +82,15 @@ class GoalRankGenerator(nn.Module):
         x = torch.cat([user[:, None, :], cand], dim=1)  # (B, 1 + N, d)
         pad = torch.cat([torch.zeros_like(batch.cand_mask[:, :1]), ~batch.cand_mask], dim=1)  # (B, 1 + N)
         h = self.encoder(x, src_key_padding_mask=pad)  # (B, 1 + N, d)
-        return Encoded(keys=self.key(h[:, 1:]), values=h[:, 1:], user=h[:, 0], valid=batch.cand_mask)
+        values = h[:, 1:]  # (B, N, d)
+        pair = None
+        if self.list_bias is not None:
+            cat = batch.category  # (B, N), 0 = unknown: never "the same"
+            same = ((cat[:, :, None] == cat[:, None, :]) & (cat[:, :, None] > 0)).to(values.dtype)  # (B, N, N)
+            unit = F.normalize(values, dim=-1)
+            cos = unit @ unit.transpose(1, 2)  # (B, N, N)
+            pair = self.list_bias(torch.stack([same, cos], dim=-1))[..., 0]  # (B, N, N)
+        return Encoded(keys=self.key(values), values=values, user=h[:, 0], valid=batch.cand_mask, pair=pair)
 
     # -- decoder -----------------------------------------------------------------------------
 
@@ -83,10 +105,24 @@ class GoalRankGenerator(nn.Module):
         q = self.decoder(x, mask=causal, is_causal=True)  # (B*G, T + 1, d)
         return self.query(q).reshape(b, g, t + 1, -1)
 
-    def _masked_logits(self, enc: Encoded, q: torch.Tensor, blocked: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """q (B, G, S, d), blocked (B, G, S, N) -> (B, G, S, N) logits, blocked ones at a huge
-        negative value (finite, so a request with no choice left gives no NaN)."""
-        logits = torch.einsum("bgsd,bnd->bgsn", q, enc.keys) * self.scale / temperature
+    def list_bias_of(self, enc: Encoded, lists: torch.Tensor) -> torch.Tensor | None:
+        """lists (B, G, T) positions, -1 = unused -> (B, G, T, N): at step t the summed
+        `pair` rows of the items chosen before t (None without list_bias)."""
+        if enc.pair is None:
+            return None
+        rows = enc.pair[torch.arange(lists.shape[0], device=lists.device)[:, None, None], lists.clamp(min=0)]  # (B, G, T, N)
+        rows = rows * (lists >= 0)[..., None].to(rows.dtype)
+        return rows.cumsum(2) - rows  # exclusive: step t sees steps < t
+
+    def _masked_logits(self, enc: Encoded, q: torch.Tensor, blocked: torch.Tensor, temperature: float = 1.0,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+        """q (B, G, S, d), blocked (B, G, S, N), bias (B, G, S, N) or None -> (B, G, S, N)
+        logits, blocked ones at a huge negative value (finite, so a request with no choice
+        left gives no NaN)."""
+        logits = torch.einsum("bgsd,bnd->bgsn", q, enc.keys) * self.scale
+        if bias is not None:
+            logits = logits + bias
+        logits = logits / temperature
         blocked = blocked | ~enc.valid[:, None, None, :]
         return logits.masked_fill(blocked, torch.finfo(logits.dtype).min / 4)
 
@@ -100,7 +136,7 @@ class GoalRankGenerator(nn.Module):
         onehot = torch.zeros(b, g, l, n, dtype=torch.bool, device=lists.device)
         onehot.scatter_(3, lists.clamp(min=0)[..., None], (lists >= 0)[..., None])
         before = torch.cumsum(onehot.to(torch.int32), dim=2) - onehot.to(torch.int32)  # (B, G, L, N)
-        logp = self._masked_logits(enc, q, before > 0).log_softmax(-1)  # (B, G, L, N)
+        logp = self._masked_logits(enc, q, before > 0, bias=self.list_bias_of(enc, lists)).log_softmax(-1)  # (B, G, L, N)
         step = logp.gather(3, lists.clamp(min=0)[..., None]).squeeze(-1)  # (B, G, L)
         return step * (lists >= 0).to(step.dtype)
 
@@ -138,6 +174,8 @@ class GoalRankGenerator(nn.Module):
         neg = torch.finfo(keys.dtype).min / 4  # finite: a request with no choice left gives no NaN
         # Per-list logit offsets: b_q . k, and `neg` at padding and at items already chosen.
         offset = (keys @ self.query.bias).masked_fill(~enc.valid, neg)[:, None, :].expand(b, n, nc).contiguous()  # (B, n, N)
+        pair = None if enc.pair is None else enc.pair / temperature  # (B, N, N)
+        rows = torch.arange(b, device=dev)[:, None]  # (B, 1) row index of each list's request
         layers = [_LayerTensors.of(layer) for layer in self.decoder.layers]  # looked up once, not per step
         caches = [torch.empty(m, 2, w.heads, length, d // w.heads, dtype=keys.dtype, device=dev)
                   for w in layers]  # per layer (M, 2, H, L, dh)
@@ -160,6 +198,8 @@ class GoalRankGenerator(nn.Module):
             picks.append(nxt)
             if with_log_probs:
                 step_logp.append(logits.log_softmax(-1).gather(2, nxt[..., None])[..., 0])
+            if pair is not None:  # the chosen item's row of the table, for every later step
+                offset += pair[rows, nxt]  # (B, n, N)
             offset.scatter_(2, nxt[..., None], neg)
             if t + 1 < length:  # the next token: the chosen item's encoding at position t + 1
                 x = (torch.gather(enc.values, 1, nxt[..., None].expand(-1, -1, d)) + pos[t + 1]).view(m, d)

@@ -316,6 +316,7 @@ def test_the_source_decides_whether_an_unshown_candidate_is_a_negative():
     assert (neg.reward.init_from_supervised, neg.reward.context_layers, neg.train.reward_epochs) == (True, 2, 3)
     assert (neg.reward.pairwise, neg.reward.causal, neg.reward.folds) == (False, False, 1)
     assert (unk.reward.pairwise, unk.reward.folds, unk.train.reward_epochs) == (True, 1, 8)  # list-wise, one reward model
+    assert (unk.generator.list_bias, neg.generator.list_bias) == (True, False)  # the list-context pointer term
     # impression logs also get the loop that follows the reward model's search; the named data sets keep the default loop
     assert (unk.group.search_lists, unk.group.search_sweeps, unk.group.tau, unk.train.epochs,
             unk.group.rounds) == (True, 1, 0.1, 4, 2)
