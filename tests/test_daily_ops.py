@@ -123,7 +123,7 @@ def test_window_new_partition_and_warm_start(daily, two_dates):
     warm_rew = load_bundle(join(ws["uri"], "reward", "model"), "warm reward")
     shared = np.intersect1d(champ_rew.item_vocab.ids, warm_rew.item_vocab.ids)[0]
     champ_sd, warm_sd = champ_rew.require("reward").state_dict(), warm_rew.require("reward").state_dict()
-    # Impression logs get the cross-fitted reward model: each member has its item table.
+    # Every item table of the reward model (each member's, when cross-fitted) is remapped.
     tables = [k for k in champ_sd if k.endswith("embed.item.weight")]
     assert tables and set(tables) <= set(warm_sd)
     for k in tables:
