@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config_sections import GeneratorConfig
-from goalrank_core.layers import N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions, transformer
+from goalrank_core.layers import (N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions,
+                                  same_category_and_cosine, transformer)
 
 
 class Encoded(NamedTuple):
@@ -85,10 +86,7 @@ class GoalRankGenerator(nn.Module):
         values = h[:, 1:]  # (B, N, d)
         pair = None
         if self.list_bias is not None:
-            cat = batch.category  # (B, N), 0 = unknown: never "the same"
-            same = ((cat[:, :, None] == cat[:, None, :]) & (cat[:, :, None] > 0)).to(values.dtype)  # (B, N, N)
-            unit = F.normalize(values, dim=-1)
-            cos = unit @ unit.transpose(1, 2)  # (B, N, N)
+            same, cos = same_category_and_cosine(batch.category, values)  # (B, N, N) each
             pair = self.list_bias(torch.stack([same, cos], dim=-1))[..., 0]  # (B, N, N)
         return Encoded(keys=self.key(values), values=values, user=h[:, 0], valid=batch.cand_mask, pair=pair)
 

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from goalrank_core.batch import PAD, UNK, RequestBatch
 from goalrank_core.policies import history_similarity_scores
@@ -139,6 +140,15 @@ def set_item_features(model: nn.Module, popularity: torch.Tensor, ctr: torch.Ten
                 buf.zero_()
                 buf[:n] = t[:n].to(buf.dtype)
     return bool(mods)
+
+
+def same_category_and_cosine(category: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """category (..., K) int (0 = unknown, never "the same"), vectors (..., K, d) -> (..., K, K)
+    each: 1.0 where items i and j share a known category, and the cosine of their vectors. The
+    pair inputs of the reward model's pairwise term and of the generator's list-context term."""
+    same = ((category[..., :, None] == category[..., None, :]) & (category[..., :, None] > 0)).to(vectors.dtype)
+    unit = F.normalize(vectors, dim=-1)
+    return same, unit @ unit.transpose(-1, -2)
 
 
 def gather_positions(x: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from goalrank_core.batch import RequestBatch
 from goalrank_core.config_sections import RewardConfig
 from goalrank_core.group import dcg_weights
-from goalrank_core.layers import N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions, transformer
+from goalrank_core.layers import (N_ITEM_FEATURES, ItemFeatures, RequestEmbedder, gather_positions,
+                                  same_category_and_cosine, transformer)
 
 
 _PAIR_FEATURES = 4  # same category, cosine, earlier item's attractiveness, distance
@@ -132,9 +133,7 @@ class RewardModel(nn.Module):
         is. An additive term, so each effect is learnt once for all positions."""
         b, g, l = lists.shape
         cat = gather_positions(batch.category[..., None].to(items.dtype), lists)[..., 0]  # (B, G, L)
-        same = ((cat[..., :, None] == cat[..., None, :]) & (cat[..., :, None] > 0)).to(items.dtype)  # (B, G, L, L)
-        unit = F.normalize(items, dim=-1)
-        cos = unit @ unit.transpose(-1, -2)  # (B, G, L, L)
+        same, cos = same_category_and_cosine(cat, items)  # (B, G, L, L) each
         attract = torch.sigmoid(self.point(items))[..., 0]  # (B, G, L)
         pos = torch.arange(l, device=lists.device)
         gap = (pos[:, None] - pos[None, :]).clamp(min=0).to(items.dtype) / max(self.slate_len, 1)  # (L, L)
