@@ -27,6 +27,8 @@ from bench.common import Recorder, log_to, seed_summary, table
 
 HONEST_MAX = 0.6  # the true-relevance sort may reach at most this
 ORACLE, LOGGED = "true-relevance sort", "logged"
+TEACHER = "reward-model search (teacher)"  # the list pi_ref leads with: search under the trained reward model
+TRAIN_SAMPLE = 480  # training requests on which teacher and student are also scored
 VOLUME = {"quick": (600, 8), "full": (2000, 8)}  # (users, requests per user): full ~12.8k training requests
 
 
@@ -64,6 +66,35 @@ def policy_lists(bundle, world, test: pa.Table, seed: int) -> dict[str, pa.Table
     if "logged" not in out:  # the bundle's own replay of the shown list, when it offers one
         out[LOGGED] = _ranked(test, shown)
     return out
+
+
+def teacher_lists(bundle, requests: pa.Table, batch_size: int = 256) -> pa.Table:
+    """RANKED table of the list the loop's teacher writes for each request: greedy-then-local
+    search under the trained reward model (`group.search_lists`, `search_sweeps`), as the group
+    stage builds it; on training requests by the model that trained on them (`reward.folds` 1).
+    A reference, not a policy: it runs the reward model N times per position, at serving too."""
+    from goalrank_core.bundle import encode
+    from goalrank_core.search import greedy_search
+
+    data, reward, g = encode(bundle, requests), bundle.models["reward"], bundle.config.group
+    L = bundle.dims.slate_len
+    pos = [greedy_search(reward, data.batch(slice(a, a + batch_size)), L, None, g.search_shortlist,
+                         sweeps=g.search_sweeps).numpy() for a in range(0, len(data), batch_size)]
+    pos = np.concatenate(pos) if pos else np.zeros((0, L), np.int64)
+    return _ranked(requests, data.positions_to_ids(slice(None), pos))
+
+
+def train_sample_values(bundle, world, train: pa.Table, seed: int) -> dict[str, float]:
+    """Normalised true value on TRAIN_SAMPLE evenly spaced training requests of the teacher, GoalRank
+    and the supervised generator: the requests the generator imitates the teacher on, which the
+    reward model has seen (its memorised clicks can steer its search there)."""
+    from goalrank_core.ranking import rank
+
+    sample = train.take(np.arange(0, train.num_rows, max(1, train.num_rows // TRAIN_SAMPLE))[:TRAIN_SAMPLE])
+    lists = {TEACHER: teacher_lists(bundle, sample), "goalrank": rank(bundle, sample, "goalrank", seed=seed),
+             "supervised": rank(bundle, sample, "supervised", seed=seed)}
+    scored = score_policies(world, sample, lists, seed)
+    return {p: scored[p]["normalised"] for p in lists}
 
 
 def score_policies(world, test: pa.Table, lists: dict[str, pa.Table], seed: int) -> dict[str, dict]:
@@ -109,8 +140,13 @@ def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = No
         def oracle(b):
             return TrueReward(world, b.item_vocab.ids, b.user_vocab.ids)
     bundle = fit_tables(splits.train, splits.valid, cfg, splits.items, log=log, reward_model=oracle)
-    res = score_policies(world, splits.test, policy_lists(bundle, world, splits.test, seed), seed)
+    lists = policy_lists(bundle, world, splits.test, seed)
+    if oracle is None and cfg.group.search_lists:
+        lists[TEACHER] = teacher_lists(bundle, splits.test)
+    res = score_policies(world, splits.test, lists, seed)
     res["_world"]["train_requests"] = splits.train.num_rows
+    if oracle is None and cfg.group.search_lists:
+        res["_train_sample"] = train_sample_values(bundle, world, splits.train, seed)
     return res
 
 
@@ -187,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                            + (["true-reward"] if args.reward == "true" else []))
     rec = Recorder("simulator", args.mode, tag=args.tag or default_tag)
     t0 = time.perf_counter()
-    per_effect, rows, honest_rows = {}, [], []
+    per_effect, rows, honest_rows, teacher_rows = {}, [], [], []
     for effect in effects:
         runs = []
         for seed in range(seeds):
@@ -203,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
                             f"{np.mean([w['search_best'] / w['upper'] for w in worlds]):.3f}",
                             f"{np.mean([w['random'] for w in worlds]):.3f}", f"{np.mean([w['best'] for w in worlds]):.3f}",
                             int(np.mean([w['train_requests'] for w in worlds]))])
+        if all("_train_sample" in r for r in runs):
+            on_train = {p: seed_summary([r["_train_sample"][p] for r in runs]) for p in runs[0]["_train_sample"]}
+            summary["_train_sample"] = on_train
+            teacher_rows.append([effect, _fmt(on_train[TEACHER]), _fmt(on_train["goalrank"]), _fmt(on_train["supervised"]),
+                                 _fmt(summary[TEACHER]["normalised"]), _fmt(summary["goalrank"]["normalised"])])
         per_effect[effect] = {"summary": summary, "worlds": worlds,
                               "per_seed": [{p: {k: v for k, v in m.items() if k != "per_request"} for p, m in r.items()}
                                            for r in runs]}
@@ -223,7 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
                                              "training requests"], honest_rows,
                   "The certified bound ignores list context (no saturation, every complement, every position "
                   "examined), so best / bound is a floor on how close search gets to the optimum, loose for cascade."),
-        ],
+        ] + ([table("Teacher and student: training against test requests",
+                    ["effect", "teacher on training requests", "goalrank on training requests",
+                     "supervised on training requests", "teacher on test requests", "goalrank on test requests"],
+                    teacher_rows,
+                    f"Normalised true value. The teacher is the reward model's search list, the list that leads each "
+                    f"training group's pi_ref; training requests: {TRAIN_SAMPLE} evenly spaced ones, searched by the "
+                    f"reward model that was fitted on them. GoalRank can only learn what the teacher shows it there.")]
+             if teacher_rows else []),
         "data": per_effect,
     }
     rec.write(result)

@@ -252,3 +252,26 @@ def test_a_fit_with_the_true_reward_trains_no_reward_model():
     assert isinstance(bundle.models["reward"], TrueReward)
     assert not any(line.startswith("reward model") for line in lines)  # nothing trained in its place
     assert bundle.fit_report and bundle.fit_report[0]["round"] == 1
+
+
+def test_bench_teacher_is_the_search_under_the_bundles_reward_model():
+    """bench.simulator's teacher column: the search list under the bundle's reward model, in raw ids.
+    With the world's exact value as that model it must beat the sort by true point-wise relevance
+    on a strong-saturation world (a teacher that ignored its model, or mapped positions wrongly,
+    would not)."""
+    from bench.simulator import teacher_lists
+    from goalrank_core.bundle import build_bundle
+    from goalrank_core.config import GoalRankConfig
+    from goalrank_core.simulator import Strengths, TrueReward
+
+    w = make_world("saturation", seed=0, n_users=20, n_items=80, strengths=Strengths(gamma=1.5))
+    imp, items = simulate_logs(w, n_requests=40, n_candidates=20, seed=0)
+    bundle = build_bundle(imp, GoalRankConfig().for_source("impressions"), items)
+    bundle.models["reward"] = TrueReward(w, bundle.item_vocab.ids, bundle.user_vocab.ids)
+    ranked = teacher_lists(bundle, imp, batch_size=16)
+    assert ranked.column("request_id").to_pylist() == imp.column("request_id").to_pylist()
+    lists, cand = np.array(ranked.column("ranked").to_pylist()), _padded(imp.column("candidates"))
+    assert lists.shape == (40, 10) and all(set(r) <= set(c) and len(set(r)) == 10 for r, c in zip(lists, cand))
+    users = imp.column("user_id").to_numpy()
+    sort = np.take_along_axis(cand, np.argsort(-w.affinity(users, cand), 1)[:, :10], 1)
+    assert w.expected_clicks(users, lists).mean() > w.expected_clicks(users, sort).mean() + 0.05
