@@ -275,3 +275,19 @@ def test_bench_teacher_is_the_search_under_the_bundles_reward_model():
     users = imp.column("user_id").to_numpy()
     sort = np.take_along_axis(cand, np.argsort(-w.affinity(users, cand), 1)[:, :10], 1)
     assert w.expected_clicks(users, lists).mean() > w.expected_clicks(users, sort).mean() + 0.05
+
+
+def test_cascade_optimum_shows_the_most_satisfying_items_last():
+    """Why the cascade world is hard to learn from its logs: with no position bias and no dull
+    stops, an item i is worth q_i and stops the reader after a click with prob s_i = s_click *
+    sigmoid(a_i), so swapping neighbours shows i goes first iff s_i < s_j: the optimal list is in
+    ASCENDING relevance, the reverse of the context-unaware logger's order (exhaustive search)."""
+    from goalrank_core.simulator import Strengths
+
+    w = make_world("cascade", seed=3, n_users=8, n_items=40, slate_len=3, strengths=Strengths(s_dull=0.0))
+    w.pos_bias[:] = 0.0
+    users, cand = np.arange(8), np.stack([w.item_ids[np.random.default_rng(i).permutation(40)[:6]] for i in range(8)])
+    best, value = exhaustive_best(w, users, cand, 3)
+    assert (np.diff(w.affinity(users, best), axis=1) > 0).all()
+    descending = best[:, ::-1]
+    assert (w.expected_clicks(users, descending) < value - 1e-9).all()
