@@ -214,7 +214,7 @@ README_RESULTS = [
     ("main_table_full_amazon-book.json", ("Table 1", "GoalRank's gain", "GoalRank minus"),
      "Table 1 on Amazon-Book, in process, 3 seeds"),
     ("oracle_groups_full_ml-100k.json", ("Headroom",), "Headroom of group-relative training over its supervised start"),
-    ("simulator_quick.json", ("True value on the simulator",),
+    ("simulator_quick.json", ("True value on the simulator", "Teacher and student"),
      "True list value on the list-wise simulator (random list 0, best list found 1)"),
     ("pipeline_cost_full_ml-1m.json", ("Daily flow on ml-1m",), "The whole daily flow on ML-1M, default config"),
     ("bench_score_full.json", ("Targets",), "`score` stage throughput on Ray Data"),
