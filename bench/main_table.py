@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         run = run_dataset(ds, seeds, mu, overrides, args.verbose)
         run["gains"] = gains(run["summary"])
         runs.append(run)
+    if not runs:  # nothing measured: no result file, so a committed one is never replaced by an empty one
+        raise SystemExit(f"main_table: none of {', '.join(datasets)} is present; point GOALRANK_DATA_DIR (or "
+                         "the default cache) at a folder holding them (../shared/data on the team's machines)")
     notes = [f"Data sets skipped (files not present): {', '.join(skipped)}."] if skipped else []
     result = {"config": {"datasets": [r["dataset"] for r in runs], "seeds": seeds, "overrides": overrides,
                          "max_users": {r["dataset"]: r["max_users"] for r in runs}, "ks": list(KS)},

@@ -281,3 +281,17 @@ def test_readme_quotes_the_pipeline_runs_console_line_counts():
     assert report.console_lines(doc) == [
         "*Console of the ml-100k run*: 49 lines on the terminal, 455 in the run's log file.", ""]
     assert report.console_lines({**doc, "benchmark": "simulator"}) == []
+
+
+def test_main_table_without_its_data_writes_no_result(tmp_path, monkeypatch):
+    """A main_table run that finds none of its data sets stops with the reason and leaves the
+    committed result file alone (it used to write an empty one over it)."""
+    from bench import main_table
+    from bench.common import RESULTS
+
+    monkeypatch.setenv("GOALRANK_DATA_DIR", str(tmp_path))
+    target = RESULTS / "main_table_full_amazon-book.json"
+    before = target.read_bytes() if target.exists() else None
+    with pytest.raises(SystemExit, match="none of amazon-book is present.*GOALRANK_DATA_DIR"):
+        main_table.main(["--mode", "full", "--datasets", "amazon-book", "--seeds", "1"])
+    assert (target.read_bytes() if target.exists() else None) == before
