@@ -140,12 +140,13 @@ def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = No
         def oracle(b):
             return TrueReward(world, b.item_vocab.ids, b.user_vocab.ids)
     bundle = fit_tables(splits.train, splits.valid, cfg, splits.items, log=log, reward_model=oracle)
+    taught = oracle is None and cfg.group.search_lists  # a trained reward model's search leads the groups
     lists = policy_lists(bundle, world, splits.test, seed)
-    if oracle is None and cfg.group.search_lists:
+    if taught:
         lists[TEACHER] = teacher_lists(bundle, splits.test)
     res = score_policies(world, splits.test, lists, seed)
     res["_world"]["train_requests"] = splits.train.num_rows
-    if oracle is None and cfg.group.search_lists:
+    if taught:
         res["_train_sample"] = train_sample_values(bundle, world, splits.train, seed)
     return res
 
