@@ -55,6 +55,12 @@ def seed_summary(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
+def paired_cell(a: list[float], b: list[float]) -> str:
+    """Per-seed differences a - b as "mean [95% t-interval]" (the mean alone for one seed)."""
+    s = seed_summary([x - y for x, y in zip(a, b)])
+    return f"{s['mean']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]" if s["n"] >= 2 else f"{s['mean']:+.4f}"
+
+
 def percentiles(samples_s: list[float] | np.ndarray) -> dict[str, float]:
     """Seconds -> {p50_ms, p99_ms, mean_ms, n}."""
     a = np.asarray(samples_s, np.float64) * 1e3

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import Recorder, data_available, log_to, seed_summary, table
+from bench.common import Recorder, data_available, log_to, paired_cell, seed_summary, table
 
 # Table rows: (label, policy name in goalrank_core.ranking / policies).
 ROWS = [("random", "random"), ("popularity", "popularity"), ("point-wise DNN", "dnn"), ("PRM", "prm"),
@@ -102,12 +102,7 @@ def paired_table(runs: list[dict]) -> dict:
         for label in ("supervised generator", "Generator-Evaluator", "PRM", "point-wise DNN"):
             if label not in ps:
                 continue
-            cells = []
-            for metric in ("hr@6", "ndcg@6"):
-                diff = [a - b for a, b in zip(ps["GoalRank"][metric], ps[label][metric])]
-                s = seed_summary(diff)
-                cells.append(f"{s['mean']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]" if s["n"] >= 2
-                             else f"{s['mean']:+.4f}")
+            cells = [paired_cell(ps["GoalRank"][metric], ps[label][metric]) for metric in ("hr@6", "ndcg@6")]
             rows.append([run["dataset"], label, *cells])
     return table(PAIRED_TITLE, ["data set", "baseline", "HR@6 difference", "NDCG@6 difference"], rows,
                  "Per seed, GoalRank's metric minus the baseline's on the same test split; mean [95% t-interval] "

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import Recorder, seed_summary, table
+from bench.common import Recorder, paired_cell, seed_summary, table
 
 POLICIES = ("supervised", "g-e", "goalrank")
 
@@ -35,6 +35,17 @@ def oracle_pi_ref(train, lists: np.ndarray, mask: np.ndarray, tau: float, eps: f
     pos = torch.from_numpy(lists)
     labels = log_labels(batch, pos.clamp(min=0)).float() * (pos >= 0)  # (R, G, L)
     return reference_policy((labels * dcg_weights(lists.shape[-1])).sum(-1), torch.from_numpy(mask), tau, eps).numpy().astype(np.float32)
+
+
+def shown_share(ranked, requests) -> float:
+    """Share of a policy's list slots that hold one of the request's logged (shown) items: the
+    only slots logged labels can reward. A list that fills its slots with unshown candidates
+    scores 0 there, whatever their true worth."""
+    from goalrank_core.metrics import _padded
+
+    lists, shown = _padded(ranked.column("ranked")), _padded(requests.column("shown"))  # (R, L), (R, L)
+    hit = (lists[:, :, None] == shown[:, None, :]).any(-1) & (lists >= 0)  # (R, L)
+    return float(hit.sum() / max((lists >= 0).sum(), 1))
 
 
 def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
@@ -62,8 +73,10 @@ def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
     groups, _ = propose_groups(train, proposers, start, bundle.models["reward"], cfg, seed=seed + 1, proposals=props)
 
     def score(policy: str) -> dict[str, float]:
-        r = evaluate_lists(rank(bundle, splits.test, policy, seed=seed), splits.test, (6,), n_boot=0, seed=seed)
-        return {k: v.value for k, v in r.items() if k in ("hr@6", "ndcg@6")}
+        ranked = rank(bundle, splits.test, policy, seed=seed)
+        r = evaluate_lists(ranked, splits.test, (6,), n_boot=0, seed=seed)
+        return {**{k: v.value for k, v in r.items() if k in ("hr@6", "ndcg@6")},
+                "shown share": shown_share(ranked, splits.test)}
 
     out = {"supervised": score("supervised"), "g-e": score("g-e")}
     for name, pi in (("reward", groups.pi_ref), ("oracle", oracle_pi_ref(train, groups.lists, groups.mask,
@@ -95,13 +108,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[oracle_groups] seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     summary = {row: {k: seed_summary(v) for k, v in m.items()} for row, m in per_seed.items()}
     fmt = lambda s: f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] >= 2 else "")  # noqa: E731
-    rows = [[row, fmt(m["hr@6"]), fmt(m["ndcg@6"])] for row, m in summary.items()]
+    rows = [[row, fmt(m["hr@6"]), fmt(m["ndcg@6"]), fmt(m["shown share"])] for row, m in summary.items()]
+    base = per_seed["supervised"]
+    paired = [[row, paired_cell(m["hr@6"], base["hr@6"]), paired_cell(m["ndcg@6"], base["ndcg@6"])]
+              for row, m in per_seed.items() if row != "supervised"]
     result = {"config": {"dataset": args.dataset, "seeds": list(range(args.seeds))},
               "tables": [table(f"Headroom of group-relative training ({args.dataset}, test split)",
-                               ["generator / policy", "HR@6", "NDCG@6"], rows,
+                               ["generator / policy", "HR@6", "NDCG@6", "shown share"], rows,
                                "Both GoalRank rows start from the supervised generator and train on the same "
                                "round-1 groups; only pi_ref differs. Oracle = the lists' logged DCG on the "
-                               "training requests: a perfect reward model there.")],
+                               "training requests: a perfect reward model there. Shown share = the share of "
+                               "list slots holding one of the request's logged items, the only slots logged "
+                               "labels can reward."),
+                         table(f"Minus the supervised generator, paired over seeds ({args.dataset})",
+                               ["generator / policy", "HR@6", "NDCG@6"], paired,
+                               "mean [95% t-interval] of the per-seed difference; needs 2 or more seeds")],
               "data": {"per_seed": per_seed, "summary": summary}}
     rec.write(result)
     return result

@@ -175,6 +175,25 @@ def test_oracle_pi_ref_follows_the_logged_dcg_of_each_list():
     assert pi[0] > pi[1] > pi[2] > 0 and pi[3] == 0 and pi.sum() == pytest.approx(1.0)
 
 
+def test_shown_share_counts_the_slots_that_hold_a_logged_item():
+    import pyarrow as pa
+
+    from bench.oracle_groups import shown_share
+
+    requests = pa.table({"shown": [[10, 11, 12], [20, 21, 22]]})
+    ranked = pa.table({"ranked": [[12, 30, 10], [40, 41, 42]]})  # 2 of 3, then 0 of 3
+    assert shown_share(ranked, requests) == pytest.approx(2 / 6)
+    assert shown_share(pa.table({"ranked": [[10, 11, 12], [22, 21, 20]]}), requests) == 1.0
+
+
+def test_paired_cell_is_the_mean_and_t_interval_of_per_seed_differences():
+    from bench.common import paired_cell
+
+    assert paired_cell([0.5], [0.4]) == "+0.1000"
+    # differences 0.01, 0.02, 0.03: mean 0.02, std 0.01, t(2) = 4.303 -> half-width 0.0248
+    assert paired_cell([0.51, 0.52, 0.53], [0.5, 0.5, 0.5]) == "+0.0200 [-0.0048, +0.0448]"
+
+
 def test_bench_score_summary_tables_show_every_run_and_the_ordering_price():
     """bench_score's tables: medians with their trials, the targets, and the unordered run's
     ratio to the default (ordered) 2-actor run."""
