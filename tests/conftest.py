@@ -133,3 +133,35 @@ def prefect_harness(tmp_path_factory):
     with temporary_settings({PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         with prefect_test_harness(server_startup_timeout=120):
             yield home
+
+
+@pytest.fixture(scope="session")
+def flow_world(tmp_path_factory, prefect_harness, ray_session):
+    """One store, MLflow registry and two days of Plackett-Luce-logged tiny impressions (L = 2
+    of N = 4, propensities logged) for the whole-flow tests of test_flow.py and test_flow_ope.py:
+    a daily flow run costs about two minutes on 2 cores, so those modules share the first one
+    (`flow_day_one`) instead of training twice."""
+    from flow_helpers import synth_source
+
+    # One Ray Data actor per pool: on 2 cores a second one only adds start-up time and memory.
+    saved = os.environ.get("GOALRANK_DATA_ACTORS")
+    os.environ["GOALRANK_DATA_ACTORS"] = "1"
+    root = tmp_path_factory.mktemp("flow")
+    day1, items = synth_source(root / "day1", logger="plackett-luce", n_candidates=4, slate_len=2)
+    day2, _ = synth_source(root / "day2", seed=1, logger="plackett-luce", n_candidates=4, slate_len=2)
+    yield {"day1": str(day1), "day2": str(day2), "items": str(items), "root": root,
+           "storage": str(root / "storage"), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+           "experiment": "flow-test", "model_name": "goalrank-flow"}
+    if saved is None:
+        os.environ.pop("GOALRANK_DATA_ACTORS", None)
+    else:
+        os.environ["GOALRANK_DATA_ACTORS"] = saved
+
+
+@pytest.fixture(scope="session")
+def flow_day_one(flow_world):
+    """The shared store's first run (`day-1`, promotion by slate SNIPS): registers version 1 and
+    makes it champion. A fixture, so each test that needs a champion has it when run alone."""
+    from flow_helpers import run_daily
+
+    return run_daily(flow_world, flow_world["day1"], "day-1")

@@ -1,4 +1,5 @@
-"""Tiny inputs for the whole-flow tests (test_flow.py, test_serve.py)."""
+"""Tiny inputs for the whole-flow tests (test_flow.py, test_flow_ope.py, test_serve.py) and the
+one day-one flow run those two share (conftest.py `flow_world`, `flow_day_one`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,3 +32,22 @@ def synth_source(folder: Path, seed: int = 0, logger: str = "noisy", n_candidate
     pq.write_table(imp, folder / "impressions.parquet")
     pq.write_table(items, folder / "items.parquet")
     return folder / "impressions.parquet", folder / "items.parquet"
+
+
+# L = 2 of N = 4 candidates: 12 orderings, so the logger's lists match GoalRank's on enough
+# validation requests for slate SNIPS to be defined (with L = 4 of 10 it would see none).
+SMALL_SLATES = {**TINY_OVERRIDES, "protocol.slate_len": 2, "protocol.n_candidates": 4, "protocol.implicit_positives": 1}
+
+
+def run_daily(world: dict, impressions: str, run_id: str, metric: str | None = "ope:snips", margin: float = 0.0,
+              overrides: dict | None = None, **kw) -> dict:
+    """`goalrank_daily` on the shared flow world's store and registry (conftest `flow_world`);
+    `metric` None: the flow's default promotion metric."""
+    from flows.daily import goalrank_daily
+
+    if metric is not None:
+        kw["promotion_metric"] = metric
+    return goalrank_daily(impressions=impressions, items=world["items"], storage=world["storage"], run_id=run_id,
+                          tracking_uri=world["tracking_uri"], experiment=world["experiment"],
+                          model_name=world["model_name"], overrides=overrides or SMALL_SLATES,
+                          promotion_margin=margin, **kw)

@@ -1,50 +1,32 @@
 """The whole `goalrank-daily` flow under prefect_test_harness, on tiny synthetic data, with
 local Ray, local storage and MLflow on SQLite: it completes, registers a version, a rerun
 redoes nothing and registers nothing new, and champion moves only when the new model is no
-worse (both ways)."""
+worse (both ways). The first run is shared with test_flow_ope.py (conftest `flow_day_one`)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from flow_helpers import TINY_OVERRIDES, synth_source
+from flow_helpers import SMALL_SLATES, run_daily
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, prefect_harness, ray_session):
-    # One Ray Data actor per pool: on 2 cores a second one only adds start-up time and memory.
-    saved = os.environ.get("GOALRANK_DATA_ACTORS")
-    os.environ["GOALRANK_DATA_ACTORS"] = "1"
-    root = tmp_path_factory.mktemp("flow")
-    impressions, items = synth_source(root / "data")
-    yield {
-        "impressions": str(impressions), "items": str(items), "storage": str(root / "storage"),
-        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "flow-test", "model_name": "goalrank-flow",
-    }
-    if saved is None:
-        os.environ.pop("GOALRANK_DATA_ACTORS", None)
-    else:
-        os.environ["GOALRANK_DATA_ACTORS"] = saved
-
-
-def _run(world, run_id, margin=0.0, **extra_overrides):
-    from flows.daily import goalrank_daily
-
-    return goalrank_daily(
-        impressions=world["impressions"], items=world["items"], storage=world["storage"], run_id=run_id,
-        tracking_uri=world["tracking_uri"], experiment=world["experiment"], model_name=world["model_name"],
-        overrides={**TINY_OVERRIDES, **extra_overrides}, promotion_margin=margin)
+def world(flow_world):
+    return flow_world
 
 
 @pytest.fixture(scope="module")
-def day_one(world):
-    """The module store's first run: registers version 1 and makes it champion. A fixture, so
-    that the slow test below has its champion also when run alone (`make test-slow` deselects
-    the test that used to make it)."""
-    return _run(world, "day-1")
+def day_one(flow_day_one):
+    return flow_day_one
+
+
+def _run(world, run_id, margin=0.0, metric=None, **extra_overrides):
+    """Day one's data again under `run_id`, by the flow's default promotion metric."""
+    return run_daily(world, world["day1"], run_id, metric=metric, margin=margin,
+                     overrides={**SMALL_SLATES, **extra_overrides})
 
 
 def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
@@ -73,19 +55,20 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
 
     # MLflow: params, per-epoch metrics, stage timings, plots, evaluation table, the model.
     run = client.get_run(first["mlflow_run_id"])
-    assert run.data.params["group.size"] == str(TINY_OVERRIDES["group.size"])
+    assert run.data.params["group.size"] == str(SMALL_SLATES["group.size"])
     assert any(k.startswith("stage.train_generator_r1") for k in run.data.metrics)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/training_curves.png", "plots/goalrank_vs_baselines.png"}
     mv = client.get_model_version(world["model_name"], "1")
-    assert mv.tags["goalrank.run_id"] == "day-1" and "goalrank.metric.valid.ndcg_at_4" in mv.tags
+    assert mv.tags["goalrank.run_id"] == "day-1" and "goalrank.metric.valid.ndcg_at_2" in mv.tags
 
     # Rerun of the same run id: every stage skipped, no new version, same decision.
-    again = _run(world, "day-1")
+    n_versions = len(client.search_model_versions(f"name = '{world['model_name']}'"))
+    again = run_daily(world, world["day1"], "day-1")
     assert all(s["skipped"] for s in again["stages"])
     assert again["registered_version"] == "1" and not again["newly_registered"]
     assert again["mlflow_run_id"] == first["mlflow_run_id"]
-    assert len(client.search_model_versions(f"name = '{world['model_name']}'")) == 1
+    assert len(client.search_model_versions(f"name = '{world['model_name']}'")) == n_versions
 
 
 @pytest.mark.slow  # a second full training run (~2-3 min on 2 cores)

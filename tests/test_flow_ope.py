@@ -10,42 +10,25 @@ import os
 
 import pytest
 
-from flow_helpers import TINY_OVERRIDES, synth_source
+from flow_helpers import SMALL_SLATES, TINY_OVERRIDES, run_daily, synth_source
 
 pytestmark = pytest.mark.ray
 
-# L = 2 of N = 4 candidates: 12 orderings, so the logger's lists match GoalRank's on enough
-# validation requests for slate SNIPS to be defined (with L = 4 of 10 it would see none).
-SMALL_SLATES = {**TINY_OVERRIDES, "protocol.slate_len": 2, "protocol.n_candidates": 4, "protocol.implicit_positives": 1}
+
+@pytest.fixture(scope="module")
+def ope_world(flow_world):
+    """Shared with test_flow.py (conftest `flow_world`): Plackett-Luce logs, L = 2 of N = 4."""
+    return flow_world
 
 
 @pytest.fixture(scope="module")
-def ope_world(tmp_path_factory, prefect_harness, ray_session):
-    saved = os.environ.get("GOALRANK_DATA_ACTORS")
-    os.environ["GOALRANK_DATA_ACTORS"] = "1"
-    root = tmp_path_factory.mktemp("flow-ope")
-    day1, items = synth_source(root / "day1", logger="plackett-luce", n_candidates=4, slate_len=2)
-    day2, _ = synth_source(root / "day2", seed=1, logger="plackett-luce", n_candidates=4, slate_len=2)
-    yield {"day1": str(day1), "day2": str(day2), "items": str(items), "root": root,
-           "storage": str(root / "storage"), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-           "experiment": "flow-ope", "model_name": "goalrank-ope"}
-    if saved is None:
-        os.environ.pop("GOALRANK_DATA_ACTORS", None)
-    else:
-        os.environ["GOALRANK_DATA_ACTORS"] = saved
+def first(flow_day_one):
+    """Day one, promoted by slate SNIPS (`run_daily`'s default metric)."""
+    return flow_day_one
 
 
 def _run(w, impressions, run_id, metric="ope:snips", margin=0.0, overrides=None, **kw):
-    from flows.daily import goalrank_daily
-
-    return goalrank_daily(impressions=impressions, items=w["items"], storage=w["storage"], run_id=run_id,
-                          tracking_uri=w["tracking_uri"], experiment=w["experiment"], model_name=w["model_name"],
-                          overrides=overrides or SMALL_SLATES, promotion_metric=metric, promotion_margin=margin, **kw)
-
-
-@pytest.fixture(scope="module")
-def first(ope_world):
-    return _run(ope_world, ope_world["day1"], "ope-1")
+    return run_daily(w, impressions, run_id, metric=metric, margin=margin, overrides=overrides or SMALL_SLATES, **kw)
 
 
 def _recorded(d: dict, side: str) -> None:
@@ -85,15 +68,19 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     assert run.data.metrics["promotion.challenger_ess"] == pytest.approx(d["challenger_ess"])
     assert run.data.metrics["promotion.challenger_ci_high"] == pytest.approx(d["challenger_ci_high"])
     assert "valid.goalrank.ope_snips" in run.data.metrics and run.data.params["promotion.metric"] == "ope:snips"
-    record = storage.read_manifest(daily_ops.record_uri(ope_world["storage"], "impressions", "ope-1"))
+    record = storage.read_manifest(daily_ops.record_uri(ope_world["storage"], "impressions", "day-1"))
     assert record["decision"]["challenger_ess"] == d["challenger_ess"]
 
 
 @pytest.mark.slow  # a second full training run (~1-2 min on 2 cores)
 def test_second_run_on_other_data_reevaluates_the_champion_by_the_same_estimate(ope_world, first):
+    from mlflow import MlflowClient
+
+    # The champion may be a later version when test_flow.py's slow test ran first in this session.
+    champion = MlflowClient(ope_world["tracking_uri"]).get_model_version_by_alias(ope_world["model_name"], "champion")
     second = _run(ope_world, ope_world["day2"], "ope-2")
     d = second["decision"]
-    assert second["newly_registered"] and d["champion_version"] == first["registered_version"]
+    assert second["newly_registered"] and d["champion_version"] == str(champion.version)
     assert "re-evaluated" in d["reason"] and "point estimates compared, intervals recorded" in d["reason"]
     _recorded(d, "challenger")
     _recorded(d, "champion")  # the champion's lists estimated on this run's logged validation split
