@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench.common import Recorder, paired_cell, seed_summary, table
+from bench.main_table import MODES
 
 POLICIES = ("supervised", "g-e", "goalrank")
 
@@ -48,7 +49,7 @@ def shown_share(ranked, requests) -> float:
     return float(hit.sum() / max((lists >= 0).sum(), 1))
 
 
-def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
+def run_seed(dataset: str, seed: int, log, max_users: int = 0) -> dict[str, dict[str, float]]:
     from goalrank_core.config import GoalRankConfig
     from goalrank_core.bundle import build_bundle, encode
     from goalrank_core.fit import fit_policies, propose_groups, train_reward
@@ -58,7 +59,7 @@ def run_seed(dataset: str, seed: int, log) -> dict[str, dict[str, float]]:
     from goalrank_core.ranking import policy_resources, rank
     from goalrank_core.trainer import set_seed, train_generator_group
 
-    cfg = GoalRankConfig().override({"train.seed": seed})
+    cfg = GoalRankConfig().override({"train.seed": seed, "protocol.max_users": max_users})
     splits = load_splits(dataset, protocol=cfg.protocol)
     cfg = cfg.for_source(splits.source)
     bundle = build_bundle(splits.train, cfg, splits.items)
@@ -97,12 +98,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--max-users", type=int, default=None,
+                    help="users kept (default: bench.main_table's full mode for the data set, so Table 1 compares)")
     args = ap.parse_args(argv)
+    max_users = MODES["full"]["max_users"].get(args.dataset, 0) if args.max_users is None else args.max_users
     rec = Recorder("oracle_groups", "full", tag=args.dataset)
     per_seed: dict[str, dict[str, list[float]]] = {}
     t0 = time.perf_counter()
     for seed in range(args.seeds):
-        for row, metrics in run_seed(args.dataset, seed, log_to(f"oracle s{seed}")).items():
+        for row, metrics in run_seed(args.dataset, seed, log_to(f"oracle s{seed}"), max_users).items():
             for k, v in metrics.items():
                 per_seed.setdefault(row, {}).setdefault(k, []).append(v)
         print(f"[oracle_groups] seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = per_seed["supervised"]
     paired = [[row, paired_cell(m["hr@6"], base["hr@6"]), paired_cell(m["ndcg@6"], base["ndcg@6"])]
               for row, m in per_seed.items() if row != "supervised"]
-    result = {"config": {"dataset": args.dataset, "seeds": list(range(args.seeds))},
+    result = {"config": {"dataset": args.dataset, "seeds": list(range(args.seeds)), "max_users": max_users},
               "tables": [table(f"Headroom of group-relative training ({args.dataset}, test split)",
                                ["generator / policy", "HR@6", "NDCG@6", "shown share"], rows,
                                "Both GoalRank rows start from the supervised generator and train on the same "
