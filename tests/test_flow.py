@@ -13,32 +13,22 @@ from flow_helpers import SMALL_SLATES, run_daily
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def world(flow_world):
-    return flow_world
-
-
-@pytest.fixture(scope="module")
-def day_one(flow_day_one):
-    return flow_day_one
-
-
 def _run(world, run_id, margin=0.0, metric=None, **extra_overrides):
     """Day one's data again under `run_id`, by the flow's default promotion metric."""
     return run_daily(world, world["day1"], run_id, metric=metric, margin=margin,
                      overrides={**SMALL_SLATES, **extra_overrides})
 
 
-def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
+def test_flow_registers_promotes_and_reruns_without_duplicates(flow_world, flow_day_one):
     from mlflow import MlflowClient
 
-    client = MlflowClient(world["tracking_uri"])
+    client = MlflowClient(flow_world["tracking_uri"])
     from flows.report import format_stages, format_summary
 
-    first = day_one
+    first = flow_day_one
     assert first["registered_version"] == "1" and first["newly_registered"]
     assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
-    assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(flow_world["model_name"], "champion").version) == "1"
     stages = [s["stage"] for s in first["stages"]]
     assert stages == ["prepare", "train_policies", "train_reward_model", "generate_candidates r1", "score r1",
                       "train_generator r1", "evaluate"]
@@ -59,50 +49,52 @@ def test_flow_registers_promotes_and_reruns_without_duplicates(world, day_one):
     assert any(k.startswith("stage.train_generator_r1") for k in run.data.metrics)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/training_curves.png", "plots/goalrank_vs_baselines.png"}
-    mv = client.get_model_version(world["model_name"], "1")
+    mv = client.get_model_version(flow_world["model_name"], "1")
     assert mv.tags["goalrank.run_id"] == "day-1" and "goalrank.metric.valid.ndcg_at_2" in mv.tags
 
     # Rerun of the same run id: every stage skipped, no new version, same decision.
-    n_versions = len(client.search_model_versions(f"name = '{world['model_name']}'"))
-    again = run_daily(world, world["day1"], "day-1")
+    n_versions = len(client.search_model_versions(f"name = '{flow_world['model_name']}'"))
+    again = run_daily(flow_world, flow_world["day1"], "day-1")
     assert all(s["skipped"] for s in again["stages"])
     assert again["registered_version"] == "1" and not again["newly_registered"]
     assert again["mlflow_run_id"] == first["mlflow_run_id"]
-    assert len(client.search_model_versions(f"name = '{world['model_name']}'")) == n_versions
+    versions = client.search_model_versions(f"name = '{flow_world['model_name']}'")
+    assert len(versions) == n_versions
+    assert [str(v.version) for v in versions if v.tags.get("goalrank.run_id") == "day-1"] == ["1"]
 
 
 @pytest.mark.slow  # a second full training run (~2-3 min on 2 cores)
-def test_champion_moves_only_when_no_worse(world, day_one):
+def test_champion_moves_only_when_no_worse(flow_world, flow_day_one):
     from mlflow import MlflowClient
 
-    client = MlflowClient(world["tracking_uri"])
-    assert day_one["decision"]["promoted"]
-    champ_before = client.get_model_version_by_alias(world["model_name"], "champion").version
+    client = MlflowClient(flow_world["tracking_uri"])
+    assert flow_day_one["decision"]["promoted"]
+    champ_before = client.get_model_version_by_alias(flow_world["model_name"], "champion").version
     # A margin no model can reach (NDCG <= 1): the new version is registered, champion stays.
-    worse = _run(world, "day-2", margin=1.0, **{"train.seed": 1})
+    worse = _run(flow_world, "day-2", margin=1.0, **{"train.seed": 1})
     d = worse["decision"]
     assert worse["newly_registered"] and not d["promoted"]
     assert d["challenger_value"] < d["champion_value"] + 1.0
-    assert client.get_model_version_by_alias(world["model_name"], "champion").version == champ_before
-    assert str(client.get_model_version_by_alias(world["model_name"], "challenger").version) == \
+    assert client.get_model_version_by_alias(flow_world["model_name"], "champion").version == champ_before
+    assert str(client.get_model_version_by_alias(flow_world["model_name"], "challenger").version) == \
         worse["registered_version"]
     # The same run again with a margin that tolerates any loss: nothing retrained, no new
     # version, and now the champion moves to it.
-    better = _run(world, "day-2", margin=-1.0, **{"train.seed": 1})
+    better = _run(flow_world, "day-2", margin=-1.0, **{"train.seed": 1})
     assert all(s["skipped"] for s in better["stages"]) and not better["newly_registered"]
     assert better["registered_version"] == worse["registered_version"] and better["decision"]["promoted"]
-    assert str(client.get_model_version_by_alias(world["model_name"], "champion").version) == \
+    assert str(client.get_model_version_by_alias(flow_world["model_name"], "champion").version) == \
         worse["registered_version"]
 
 
-def test_bad_config_fails_before_any_stage(world):
+def test_bad_config_fails_before_any_stage(flow_world):
     from goalrank_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="group.size"):
-        _run(world, "bad", **{"group.size": 0})
+        _run(flow_world, "bad", **{"group.size": 0})
     with pytest.raises(ConfigError, match="reward.feedback"):  # its columns do not reach the stages: refused
-        _run(world, "bad", **{"reward.feedback": {"labels_like": 1.0}})
-    assert not os.path.exists(os.path.join(world["storage"], "impressions", "bad"))
+        _run(flow_world, "bad", **{"reward.feedback": {"labels_like": 1.0}})
+    assert not os.path.exists(os.path.join(flow_world["storage"], "impressions", "bad"))
 
 
 def test_transient_failures_are_retried_and_validation_errors_are_not():

@@ -10,25 +10,9 @@ import os
 
 import pytest
 
-from flow_helpers import SMALL_SLATES, TINY_OVERRIDES, run_daily, synth_source
+from flow_helpers import TINY_OVERRIDES, run_daily, synth_source
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ope_world(flow_world):
-    """Shared with test_flow.py (conftest `flow_world`): Plackett-Luce logs, L = 2 of N = 4."""
-    return flow_world
-
-
-@pytest.fixture(scope="module")
-def first(flow_day_one):
-    """Day one, promoted by slate SNIPS (`run_daily`'s default metric)."""
-    return flow_day_one
-
-
-def _run(w, impressions, run_id, metric="ope:snips", margin=0.0, overrides=None, **kw):
-    return run_daily(w, impressions, run_id, metric=metric, margin=margin, overrides=overrides or SMALL_SLATES, **kw)
 
 
 def _recorded(d: dict, side: str) -> None:
@@ -37,7 +21,7 @@ def _recorded(d: dict, side: str) -> None:
     assert lo <= value <= hi and ess > 0
 
 
-def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
+def test_ope_promotion_records_estimate_interval_and_ess(flow_world, flow_day_one):
     from mlflow import MlflowClient
 
     from flows import daily_ops
@@ -45,6 +29,7 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     from tasks import object_store, storage
     from tasks.stage_io import read_split
 
+    first = flow_day_one  # day one, promoted by slate SNIPS (run_daily's default metric)
     d = first["decision"]
     assert d["metric"] == "ope:snips" and d["promoted"] and d["reason"] == "no champion yet"
     _recorded(d, "challenger")
@@ -59,8 +44,8 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     assert mine[("valid", "snips")]["ess"] == d["challenger_ess"]
     assert len({r["policy"] for r in ope}) > 1  # the baselines too
     # Version tags, the MLflow run and the run record hold the same numbers.
-    client = MlflowClient(ope_world["tracking_uri"])
-    tags = client.get_model_version(ope_world["model_name"], first["registered_version"]).tags
+    client = MlflowClient(flow_world["tracking_uri"])
+    tags = client.get_model_version(flow_world["model_name"], first["registered_version"]).tags
     assert float(tags["goalrank.metric.valid.ope:snips"]) == d["challenger_value"]
     assert float(tags["goalrank.metric.valid.ope:snips.ci_low"]) == d["challenger_ci_low"]
     assert float(tags["goalrank.metric.valid.ope:snips.ess"]) == d["challenger_ess"]
@@ -68,17 +53,17 @@ def test_ope_promotion_records_estimate_interval_and_ess(ope_world, first):
     assert run.data.metrics["promotion.challenger_ess"] == pytest.approx(d["challenger_ess"])
     assert run.data.metrics["promotion.challenger_ci_high"] == pytest.approx(d["challenger_ci_high"])
     assert "valid.goalrank.ope_snips" in run.data.metrics and run.data.params["promotion.metric"] == "ope:snips"
-    record = storage.read_manifest(daily_ops.record_uri(ope_world["storage"], "impressions", "day-1"))
+    record = storage.read_manifest(daily_ops.record_uri(flow_world["storage"], "impressions", "day-1"))
     assert record["decision"]["challenger_ess"] == d["challenger_ess"]
 
 
 @pytest.mark.slow  # a second full training run (~1-2 min on 2 cores)
-def test_second_run_on_other_data_reevaluates_the_champion_by_the_same_estimate(ope_world, first):
+def test_second_run_on_other_data_reevaluates_the_champion_by_the_same_estimate(flow_world, flow_day_one):
     from mlflow import MlflowClient
 
     # The champion may be a later version when test_flow.py's slow test ran first in this session.
-    champion = MlflowClient(ope_world["tracking_uri"]).get_model_version_by_alias(ope_world["model_name"], "champion")
-    second = _run(ope_world, ope_world["day2"], "ope-2")
+    champion = MlflowClient(flow_world["tracking_uri"]).get_model_version_by_alias(flow_world["model_name"], "champion")
+    second = run_daily(flow_world, flow_world["day2"], "ope-2")
     d = second["decision"]
     assert second["newly_registered"] and d["champion_version"] == str(champion.version)
     assert "re-evaluated" in d["reason"] and "point estimates compared, intervals recorded" in d["reason"]
@@ -87,26 +72,26 @@ def test_second_run_on_other_data_reevaluates_the_champion_by_the_same_estimate(
     assert d["promoted"] == (d["challenger_value"] >= d["champion_value"] + d["margin"])
 
 
-def test_ope_metric_refused_before_anything_is_written(ope_world, tmp_path):
+def test_ope_metric_refused_before_anything_is_written(flow_world, tmp_path):
     from goalrank_core.errors import ConfigError
 
     noisy, _ = synth_source(tmp_path / "noisy")  # no propensities
     list_only, _ = synth_source(tmp_path / "pl10", logger="plackett-luce")  # L = 4 of 10: no position propensities
     with pytest.raises(ConfigError, match="unknown off-policy estimator 'dr'"):
-        _run(ope_world, ope_world["day1"], "bad-1", metric="ope:dr")
+        run_daily(flow_world, flow_world["day1"], "bad-1", metric="ope:dr")
     with pytest.raises(ConfigError, match="needs a 'propensity' or 'log_propensity' column"):
-        _run(ope_world, str(noisy), "bad-2")
+        run_daily(flow_world, str(noisy), "bad-2")
     with pytest.raises(ConfigError, match="'position_propensities'"):
-        _run(ope_world, str(list_only), "bad-3", metric="ope:snpi", overrides=TINY_OVERRIDES)
+        run_daily(flow_world, str(list_only), "bad-3", metric="ope:snpi", overrides=TINY_OVERRIDES)
     from flows.daily import goalrank_daily
 
     with pytest.raises(ConfigError, match="named data set 'ml-100k' has none"):
-        goalrank_daily(dataset="ml-100k", storage=ope_world["storage"], run_id="bad-4",
-                       tracking_uri=ope_world["tracking_uri"], model_name=ope_world["model_name"],
+        goalrank_daily(dataset="ml-100k", storage=flow_world["storage"], run_id="bad-4",
+                       tracking_uri=flow_world["tracking_uri"], model_name=flow_world["model_name"],
                        promotion_metric="ope:ips")
     for name in ("noisy", "pl10", "impressions", "ml-100k"):
         for run_id in ("bad-1", "bad-2", "bad-3", "bad-4"):
-            assert not os.path.exists(os.path.join(ope_world["storage"], name, run_id))
+            assert not os.path.exists(os.path.join(flow_world["storage"], name, run_id))
 
 
 def test_validation_columns_of_a_partitioned_log_are_its_holdout_days(tmp_path):
