@@ -11,7 +11,7 @@ supervised generator on test, the training groups hold little that the supervise
 likelihood on the same labels has not already learnt, and a better reward model cannot
 open a large gap in this offline protocol.
 
-    python -m bench.oracle_groups [--dataset ml-100k] [--seeds 1]
+    python -m bench.oracle_groups [--dataset ml-100k] [--seeds 1] [--max-users N]   # N: default bench.main_table full mode
 """
 from __future__ import annotations
 

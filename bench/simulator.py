@@ -12,6 +12,7 @@ world is honest when the true-relevance sort stays <= 0.6.
     python -m bench.simulator [--mode quick|full] [--effects saturation,pairs,cascade] [--seeds 3]
     python -m bench.simulator --mode quick --reward true   # the loop's ceiling: pi_ref from true list values
     python -m bench.simulator --mode quick --effects saturation --strength gamma=1.5   # a world of other strengths
+    python -m bench.simulator --mode quick --effects saturation --no-items   # logs without an item table
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def _ranked(requests: pa.Table, lists: np.ndarray) -> pa.Table:
 
 
 def world_and_splits(effect: str, seed: int, users: int, per_user: int, cfg, workdir: Path,
-                     strengths: dict | None = None):
+                     strengths: dict | None = None, with_items: bool = True):
     """World (`strengths`: Strengths fields other than the defaults), its logs written as Parquet,
-    and the splits `goalrank fit --impressions` would make."""
+    and the splits `goalrank fit --impressions` would make (without `--items` when not `with_items`:
+    then no model sees the item categories; the world still uses them)."""
     import pyarrow.parquet as pq
 
     from goalrank_core.protocol import load_splits
@@ -49,7 +51,8 @@ def world_and_splits(effect: str, seed: int, users: int, per_user: int, cfg, wor
     imp, items = simulate_logs(world, n_requests=users * per_user, seed=seed)
     pq.write_table(imp, workdir / "impressions.parquet")
     pq.write_table(items, workdir / "items.parquet")
-    splits = load_splits(impressions=str(workdir / "impressions.parquet"), items=str(workdir / "items.parquet"),
+    splits = load_splits(impressions=str(workdir / "impressions.parquet"),
+                         items=str(workdir / "items.parquet") if with_items else None,
                          protocol=cfg.protocol)
     return world, splits
 
@@ -121,7 +124,7 @@ def score_policies(world, test: pa.Table, lists: dict[str, pa.Table], seed: int)
 
 
 def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = None,
-             true_reward: bool = False, strengths: dict | None = None) -> dict[str, dict]:
+             true_reward: bool = False, strengths: dict | None = None, with_items: bool = True) -> dict[str, dict]:
     import torch
 
     from goalrank_core.config import GoalRankConfig
@@ -131,7 +134,7 @@ def run_seed(effect: str, seed: int, mode: str, log, overrides: dict | None = No
     users, per_user = VOLUME[mode]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        world, splits = world_and_splits(effect, seed, users, per_user, cfg, Path(tmp), strengths)
+        world, splits = world_and_splits(effect, seed, users, per_user, cfg, Path(tmp), strengths, with_items)
     log(f"{effect} seed {seed}: train {splits.train.num_rows}, valid {splits.valid.num_rows}, test {splits.test.num_rows}")
     oracle = None
     if true_reward:  # the loop's ceiling: pi_ref (and G-E's pick) from each list's true value
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--strength", dest="strengths", action="append", default=[], metavar="KEY=VALUE",
                     help="a world strength other than its default (goalrank_core.simulator.Strengths), e.g. "
                          "gamma=1.5 (repeatable)")
+    ap.add_argument("--no-items", action="store_true",
+                    help="fit without the items file (no categories for any model), as logs without an item table")
     ap.add_argument("--tag", default="", help="suffix of the result file (default: the effects, when not all)")
     args = ap.parse_args(argv)
     from goalrank.cli.pipeline_cmd import parse_overrides
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or (1 if args.mode == "quick" else 3)
     effects = [e.strip() for e in args.effects.split(",") if e.strip()]
     default_tag = "-".join(([] if effects == list(EFFECTS) else [e.replace("+", "_") for e in effects])
-                           + (["true-reward"] if args.reward == "true" else []))
+                           + (["true-reward"] if args.reward == "true" else []) + (["no-items"] if args.no_items else []))
     rec = Recorder("simulator", args.mode, tag=args.tag or default_tag)
     t0 = time.perf_counter()
     per_effect, rows, honest_rows, teacher_rows = {}, [], [], []
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         for seed in range(seeds):
             runs.append(run_seed(effect, seed, args.mode, log_to(f"sim {effect} s{seed}", quiet=not args.verbose), overrides,
-                                 args.reward == "true", strengths))
+                                 args.reward == "true", strengths, not args.no_items))
             print(f"[simulator] {effect} seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
         L = runs[0]["_world"]["L"]
         summary, effect_rows = summarise(effect, runs, L)
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"effects": effects, "seeds": list(range(seeds)), "users": users, "requests_per_user": per_user,
                    "goalrank_config": {**overrides} if overrides else "default (train.seed = seed)",
                    "strengths": strengths or "defaults",
-                   "reward": args.reward},
+                   "reward": args.reward, "items_file": not args.no_items},
         "tables": [
             table("True value on the simulator (test split; random list 0, best list found 1)",
                   ["effect", "policy", "normalised true value", "goalrank minus policy", f"HR@{L} (logged)",

@@ -28,6 +28,7 @@ from torch import nn
 from goalrank_core.batch import EncodedRequests, Vocab, encode_requests
 from goalrank_core.config import GoalRankConfig
 from goalrank_core.errors import ConfigError, GoalRankInputError
+from goalrank_core.latent_categories import latent_categories
 
 FORMAT_VERSION = 1
 
@@ -237,6 +238,9 @@ def build_bundle(train: pa.Table, config: GoalRankConfig, items: pa.Table | None
     item_category: dict[int, int] = {}
     if items is not None and items.num_rows:
         item_category = {int(i): int(c) for i, c in zip(items.column("item_id").to_pylist(), items.column("category").to_pylist())}
+    if not any(item_category.values()) and config.policies.latent_categories > 0:  # none given: learn them
+        item_category = latent_categories(train, config.policies.latent_categories, config.policies.emb_dim,
+                                          config.train.seed)
     n_cat = max(item_category.values(), default=0) + 1
     slate_len = max((len(s) for s in train.column("shown").to_pylist()), default=config.protocol.slate_len)
     n_cand = max((len(c) for c in train.column("candidates").to_pylist()), default=config.protocol.n_candidates)

@@ -307,6 +307,12 @@ class PolicyConfig:
     pl_temperature: float = _help("softmax temperature of the Plackett-Luce samples", 1.0)
     ctr_prior: float = _help("pseudo-impressions at the global CTR added to every item's CTR", 10.0)
     emb_dim: int = _help("width of the item embeddings factorised from training positives", 32)
+    latent_categories: int = _help(
+        "when the items carry no category (no items file, or every category 0): cluster the items' embeddings "
+        "(factorised as for `emb_dim`) into this many categories, so the category-aware parts (the reward "
+        "model's context term, the generator's list-context term, MMR) still see which items are alike "
+        "(goalrank_core/latent_categories.py). 0 = off: such items stay without a category. "
+        "Impression logs turn it on (config.SOURCE_RECIPES)", 0)
     mmr_lambda: float = _help("MMR trade-off: 1 = relevance only, 0 = diversity only", 0.7)
     mmr_similarity: str = _help("MMR similarity: category, embedding or auto (category if any)", "auto")
     mmr_relevance: str = _help("score policy giving MMR's relevance: popularity, ctr, history or dnn", "dnn")
@@ -332,6 +338,7 @@ class PolicyConfig:
                f"must divide prm_d_model ({self.prm_d_model}), got {self.prm_heads}")
         _check(self.pl_temperature > 0, "policies.pl_temperature", f"must be > 0, got {self.pl_temperature}")
         _check(self.ctr_prior >= 0, "policies.ctr_prior", f"must be >= 0, got {self.ctr_prior}")
+        _check(self.latent_categories >= 0, "policies.latent_categories", f"must be >= 0, got {self.latent_categories}")
         _check(0.0 <= self.mmr_lambda <= 1.0, "policies.mmr_lambda", f"must be in [0, 1], got {self.mmr_lambda}")
         _check(self.mmr_similarity in ("auto", "category", "embedding"), "policies.mmr_similarity",
                f"must be auto, category or embedding, got {self.mmr_similarity!r}")

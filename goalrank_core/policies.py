@@ -153,12 +153,12 @@ def fit_heuristics(train: EncodedRequests, n_items: int, cfg: PolicyConfig | Non
     users = np.concatenate([np.repeat(train.user, hist.shape[1])[hist.ravel() >= 2],
                             np.repeat(train.user, items.shape[1])[(pos & (items >= 2)).ravel()]])
     its = np.concatenate([hist.ravel()[hist.ravel() >= 2], items[pos & (items >= 2)]])
-    emb = _lowrank_item_embeddings(users, its, n_items, cfg.emb_dim, seed)
+    emb = lowrank_item_embeddings(users, its, n_items, cfg.emb_dim, seed)
     f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     return HeuristicStats(f32(popularity), f32(impressions), f32(ctr), emb)
 
 
-def _lowrank_item_embeddings(users: np.ndarray, items: np.ndarray, n_items: int, dim: int, seed: int) -> torch.Tensor:
+def lowrank_item_embeddings(users: np.ndarray, items: np.ndarray, n_items: int, dim: int, seed: int) -> torch.Tensor:
     """Randomised truncated SVD (a range finder with two power iterations) of the binary
     user x item matrix; item vectors are V * sqrt(S). Seeded, so refits are identical."""
     out = torch.zeros(n_items, dim)

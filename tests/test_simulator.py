@@ -213,6 +213,26 @@ def test_bench_world_strengths_reach_the_world(tmp_path):
     assert world.expected_clicks(np.array([0]), lists)[0] < weak.expected_clicks(np.array([0]), lists)[0]
 
 
+
+def test_bench_world_without_items_file_hides_categories(tmp_path):
+    """bench.simulator --no-items: the splits carry no item table (models see no categories), the
+    same logs otherwise."""
+    from bench.simulator import world_and_splits
+    from goalrank_core.bundle import build_bundle
+    from goalrank_core.config import GoalRankConfig
+
+    cfg = GoalRankConfig().for_source("impressions")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _, with_items = world_and_splits("saturation", 0, 40, 3, cfg, tmp_path / "a")
+    _, without = world_and_splits("saturation", 0, 40, 3, cfg, tmp_path / "b", with_items=False)
+    assert with_items.items is not None and with_items.items.num_rows > 0 and without.items is None
+    assert without.train.equals(with_items.train)
+    given = build_bundle(with_items.train, cfg, with_items.items).item_category
+    assert given and set(given.values()) == set(with_items.items.column("category").to_pylist())
+    assert not build_bundle(without.train, cfg.override({"policies.latent_categories": 0}), None).item_category
+    learnt = build_bundle(without.train, cfg, None).item_category  # the impressions recipe learns some
+    assert learnt and set(learnt.values()) <= set(range(1, cfg.policies.latent_categories + 1))
+
 def test_true_reward_scores_lists_by_their_exact_value():
     import torch
 
