@@ -99,15 +99,16 @@ def _remap(old_bundle: Any, name: str, kind: str, new_bundle: Any, config: GoalR
     """A model of `kind` on the new bundle's vocabulary holding the old model's weights."""
     import torch
 
-    from goalrank_core.warm import WarmStartMismatch, remap_state
+    from goalrank_core.warm import WarmStartMismatch, category_alignment, remap_state
 
     old_cfg = getattr(old_bundle.config, section).__dict__
     if old_cfg != getattr(config, section).__dict__:
         raise WarmStartMismatch(f"warm start: '{section}' config differs from the champion's ({old_cfg})")
     torch.manual_seed(config.train.seed)  # fresh rows of new items: seeded
     model = new_bundle.build(kind)
+    categories = category_alignment(old_bundle.item_category, new_bundle.item_category, new_bundle.dims.n_categories)
     state, stats = remap_state(old_bundle.require(name).state_dict(), model.state_dict(), old_bundle.item_vocab,
-                               new_bundle.item_vocab, old_bundle.user_vocab, new_bundle.user_vocab)
+                               new_bundle.item_vocab, old_bundle.user_vocab, new_bundle.user_vocab, categories)
     model.load_state_dict(state)
     return model, stats
 

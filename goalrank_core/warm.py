@@ -4,7 +4,8 @@ Day D + 1's training data has items and users that day D's model never saw, and 
 it did. Embedding rows are matched by raw id: a row of an id present in both vocabularies is
 copied, a new id keeps its fresh initialisation, a dropped id is discarded. PAD and UNK rows
 (indices 0 and 1) are copied, so the learnt cold-start embedding carries over. Category
-embeddings are indexed by category number directly: overlapping rows are copied. Every other
+embeddings are matched by the items they hold (`category_alignment`: given categories keep their
+numbers, learnt ones find the old cluster they continue), a number without an old row stays fresh. Every other
 tensor must have the same name and shape, else the architectures differ (WarmStartMismatch)
 and the caller starts cold.
 """
@@ -38,10 +39,27 @@ def _rows(old: torch.Tensor, fresh: torch.Tensor, old_vocab: Vocab, new_vocab: V
     return out, int(hit.sum())
 
 
+def category_alignment(old_category: dict[int, int], new_category: dict[int, int], n_new: int) -> np.ndarray:
+    """(n_new,) for each new category number the old one whose row it inherits: the old category most
+    of its items (raw ids in both maps) had, else the same number. Given categories keep their numbers;
+    categories learnt per fit (`policies.latent_categories`, numbered arbitrarily by each clustering)
+    find the old cluster they continue."""
+    out = np.arange(n_new, dtype=np.int64)
+    votes: dict[int, dict[int, int]] = {}
+    for item, c in new_category.items():
+        if item in old_category and 0 <= c < n_new:
+            votes.setdefault(c, {}).setdefault(old_category[item], 0)
+            votes[c][old_category[item]] += 1
+    for c, v in votes.items():
+        out[c] = max(sorted(v), key=lambda o: v[o])  # ties: the lowest old number
+    return out
+
+
 def remap_state(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], old_items: Vocab, new_items: Vocab,
-                old_users: Vocab, new_users: Vocab) -> tuple[dict[str, torch.Tensor], dict]:
+                old_users: Vocab, new_users: Vocab, categories: np.ndarray | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The fresh model's state_dict with every tensor taken from `old` (remapped where rows are
-    vocabulary-indexed). -> (state, stats: shared/new/dropped items and users)."""
+    vocabulary-indexed; category rows by `categories`, `category_alignment`'s map, else by number).
+    -> (state, stats: shared/new/dropped items and users)."""
     missing, extra = sorted(set(fresh) - set(old)), sorted(set(old) - set(fresh))
     if missing or extra:
         raise WarmStartMismatch(f"warm start: parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -58,9 +76,10 @@ def remap_state(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], ol
                                         f"({len(ov)}, ...) for the old {kind} vocabulary and {tuple(f.shape)} now")
             state[key], shared[kind] = _rows(o, f, ov, nv)
         elif key.endswith(OVERLAP_ROWS) and o.shape[1:] == f.shape[1:]:
+            src = categories if categories is not None and len(categories) == f.shape[0] else np.arange(f.shape[0])
+            ok = torch.from_numpy(src < o.shape[0])  # (C_new,) rows with an old row to inherit
             t = f.clone()
-            n = min(o.shape[0], f.shape[0])
-            t[:n] = o[:n]
+            t[ok] = o[torch.from_numpy(src)[ok]]
             state[key] = t
         elif o.shape != f.shape:
             raise WarmStartMismatch(f"warm start: '{key}' has shape {tuple(o.shape)} in the old model, "

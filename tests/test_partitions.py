@@ -211,6 +211,37 @@ def test_remap_copies_shared_ids_and_keeps_new_rows_fresh():
     fresh.load_state_dict(state)  # shapes fit the new model
 
 
+def test_category_rows_follow_the_items_they_hold():
+    """Learnt categories are numbered arbitrarily by each clustering: a new category inherits the row
+    of the old one most of its items had; given categories keep their numbers; without shared items
+    a number keeps its own row, and one beyond the old table stays fresh."""
+    from goalrank_core.warm import category_alignment
+
+    old_cat = {10: 1, 11: 1, 12: 2, 13: 2}
+    assert category_alignment(old_cat, {10: 2, 11: 2, 12: 1, 13: 1}, 3).tolist() == [0, 2, 1]  # swapped
+    assert category_alignment(old_cat, old_cat, 3).tolist() == [0, 1, 2]  # given: unchanged
+    assert category_alignment(old_cat, {10: 1, 11: 1, 12: 1, 99: 2}, 4).tolist() == [0, 1, 2, 3]  # majority 1; 2 unshared
+    v = Vocab(np.array([10, 20]))
+    old, fresh = _gen(len(v), len(v), 1), _gen(len(v), len(v), 2)
+    swapped = category_alignment(old_cat, {10: 2, 11: 2, 12: 1, 13: 1}, 3)
+    state, _ = remap_state(old.state_dict(), fresh.state_dict(), v, v, v, v, swapped)
+    c, o = "embed.category.weight", old.state_dict()["embed.category.weight"]
+    assert torch.equal(state[c][1], o[2]) and torch.equal(state[c][2], o[1]) and torch.equal(state[c][0], o[0])
+    plain, _ = remap_state(old.state_dict(), fresh.state_dict(), v, v, v, v)
+    assert torch.equal(plain[c], o)  # no map: by number, as before
+    wider = _gen_categories(len(v), 5)
+    state, _ = remap_state(old.state_dict(), wider.state_dict(), v, v, v, v, np.arange(5))
+    assert torch.equal(state[c][:3], o) and torch.equal(state[c][3:], wider.state_dict()[c][3:])  # new numbers: fresh
+
+
+def _gen_categories(n: int, n_categories: int):
+    from goalrank_core.config_sections import GeneratorConfig
+    from goalrank_core.generator import GoalRankGenerator
+
+    torch.manual_seed(3)
+    return GoalRankGenerator(GeneratorConfig(d_model=8, n_heads=2, n_layers=1), n, n, n_categories, 4)
+
+
 def test_remap_refuses_another_architecture():
     from goalrank_core.config_sections import GeneratorConfig
     from goalrank_core.generator import GoalRankGenerator
